@@ -1,0 +1,11 @@
+"""Imports every built-in recipe module so that each registers itself. Add new recipe modules here."""
+
+import importlib
+
+BUILTIN_RECIPE_MODULES = ("kflo_cli.reparam.kflo",)
+
+
+def load_builtin_recipes() -> None:
+    """Import the built-in recipe modules (idempotent)."""
+    for module in BUILTIN_RECIPE_MODULES:
+        importlib.import_module(module)

@@ -1,0 +1,195 @@
+"""Self-describing safetensors checkpoints: tensors plus the metadata needed to rebuild the model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from ._atomic import atomic_path
+from .errors import KfloError
+from .models import create_model, default_input_size
+from .surgery import expand, is_expanded, model_dtype
+
+FORMAT = "kflo"
+FORMAT_VERSION = 1
+META_KEY = "kflo"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"`` -> ``torch.float32``; only floating dtypes are accepted."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise KfloError(f"unknown dtype '{name}'; use float32, float64, float16 or bfloat16")
+    return dtype
+
+
+def model_metadata(model: nn.Module) -> dict[str, Any]:
+    """The metadata :func:`save` writes for ``model``."""
+    model_id = getattr(model, "kflo_model_id", None)
+    if not model_id:
+        raise KfloError(
+            "cannot record how to rebuild this model; create it with kflo.create_model(NAME, ...) "
+            "or set model.kflo_model_id (e.g. 'timm:resnet18') and model.kflo_model_kwargs"
+        )
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kflo_version": __version__,
+        "kind": "expanded" if is_expanded(model) else "plain",
+        "model_id": model_id,
+        "model_kwargs": dict(getattr(model, "kflo_model_kwargs", {}) or {}),
+        "input_size": list(default_input_size(model)),
+        "dtype": _dtype_name(model_dtype(model)),
+    }
+    if meta["kind"] == "expanded":
+        meta["recipes"] = list(model.kflo_recipes)
+        meta["selection"] = dict(getattr(model, "kflo_selection", {"include": [], "exclude": []}))
+        meta["layers"] = [
+            {"name": r.name, "recipe": r.recipe, "type": r.type, "shape": list(r.shape)} for r in model.kflo_plan if r.applied
+        ]
+    else:
+        meta["collapsed_from"] = list(getattr(model, "kflo_collapsed_from", []) or [])
+    return meta
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> None:
+    """Write ``model`` (expanded or plain) as a self-describing safetensors file, atomically.
+
+    A plain model's file holds exactly the keys, shapes and dtypes of its ``state_dict()``, so it loads with
+    ``strict=True`` into the unmodified architecture.
+
+    >>> import kflo_cli as kflo
+    >>> kflo.save(kflo.create_model("lenet5"), "/tmp/lenet5.safetensors")
+    """
+    meta = model_metadata(model)
+    if extra:
+        meta["extra"] = extra
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The kflo metadata of a safetensors file, or ``None`` for a safetensors file without it."""
+    p = Path(path)
+    if not p.exists():
+        raise KfloError(f"{p} does not exist; check the path")
+    if p.is_dir():
+        raise KfloError(f"{p} is a directory; pass a .safetensors file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise KfloError(f"{p} is not a readable safetensors file ({exc}); pass a file written by kflo or safetensors") from None
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise KfloError(f"{p} has corrupt kflo metadata; re-create it with kflo expand/collapse") from None
+    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
+        raise KfloError(f"{p} has metadata that is not kflo's; re-create it with kflo expand/collapse")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise KfloError(f"{p} uses checkpoint format {meta['format_version']}, newer than this kflo ({FORMAT_VERSION}); upgrade kflo")
+    return meta
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read every tensor of a safetensors file (never unpickles)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise KfloError(f"{path} is not a readable safetensors file ({exc}); pass a file written by kflo or safetensors") from None
+
+
+def build_from_metadata(meta: dict[str, Any]) -> nn.Module:
+    """Rebuild the (expanded or plain) model a metadata block describes, with fresh parameters."""
+    model = create_model(meta["model_id"], **meta.get("model_kwargs", {}))
+    if meta["kind"] == "expanded":
+        by_recipe: dict[str, list[str]] = {}
+        for layer in meta["layers"]:
+            by_recipe.setdefault(layer["recipe"], []).append(layer["name"])
+        specs = []
+        for entry in meta["recipes"]:
+            names = by_recipe.get(entry["name"], [])
+            specs.append({"name": entry["name"], **entry["params"], "include": names or ["<none>"], "exclude": []})
+        expand(model, specs)
+        model.kflo_recipes = list(meta["recipes"])
+        model.kflo_selection = dict(meta.get("selection", {}))
+    return model
+
+
+def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Raise a clear error if ``tensors`` do not have exactly the model's keys and shapes."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+                parts.append(f"{label}: {', '.join(keys[:3])}{more}")
+        raise KfloError(
+            f"{path}: its metadata does not match its tensors ({'; '.join(parts)}); "
+            "the file was edited or is damaged, re-create it with kflo expand/collapse"
+        )
+
+
+def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a kflo checkpoint (expanded or plain) and return the model it describes, in eval mode.
+
+    >>> import kflo_cli as kflo
+    >>> model = kflo.load("/tmp/lenet5.safetensors")
+    """
+    meta = read_metadata(path)
+    if meta is None:
+        raise KfloError(f"{path} has no kflo metadata; load it into a model with --init-from or safetensors.torch.load_file")
+    model = build_from_metadata(meta)
+    tensors = load_tensors(path)
+    check_tensors_match(model, tensors, path)
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())
+    model.load_state_dict(tensors, strict=True)
+    if meta["kind"] == "plain":
+        model.kflo_collapsed_from = meta.get("collapsed_from", [])
+    model.kflo_metadata = meta
+    return model.to(map_location).eval()
+
+
+def load_plain_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a plain checkpoint of ``model``'s architecture into it, strictly (``--init-from``)."""
+    meta = read_metadata(path)
+    if meta is not None and meta["kind"] == "expanded":
+        raise KfloError(f"{path} is an expanded kflo checkpoint; collapse it first (kflo collapse) or use it with --resume")
+    tensors = load_tensors(path)
+    check_tensors_match(model, tensors, path)
+    model.load_state_dict(tensors, strict=True)
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "build_from_metadata",
+    "check_tensors_match",
+    "load",
+    "load_plain_weights",
+    "load_tensors",
+    "model_metadata",
+    "parse_dtype",
+    "read_metadata",
+    "save",
+]

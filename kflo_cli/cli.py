@@ -1,0 +1,273 @@
+"""The ``kflo`` command line: thin commands that parse options and call the library."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import KfloError
+
+app = typer.Typer(
+    name="kflo",
+    help="Expand any timm/torchvision model with a reparameterization recipe, train it, collapse it back.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+console = Console()
+_STATE = {"debug": False}
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line on stderr and exit with ``code``."""
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn KfloError into one stderr line and exit 2; other failures into one line and exit 1 (--debug: raise)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except KfloError as exc:
+            if _STATE["debug"]:
+                raise
+            fail(str(exc), 2)
+        except Exception as exc:  # noqa: BLE001  (the CLI's last line of defence)
+            if _STATE["debug"]:
+                raise
+            fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"kflo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = None,
+) -> None:
+    """kflo: linear over-parameterization as model surgery."""
+    _STATE["debug"] = debug
+
+
+def _parse_size(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        size = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        size = ()
+    if not size or any(s <= 0 for s in size):
+        raise KfloError(f"--input-size '{text}' is not a list of positive integers; write it as C,H,W (e.g. 3,32,32)")
+    return size
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def print_plan(rows: list[Any], title: str) -> None:
+    table = Table(title=title, show_lines=False)
+    for col in ("layer", "type", "shape", "recipe / reason", "params before", "params after"):
+        table.add_column(col, justify="right" if col.startswith("params") else "left")
+    for r in rows:
+        status = f"[green]{r.recipe}[/]" if r.applied else f"[dim]skipped: {r.reason}[/]"
+        table.add_row(r.name, r.type, "x".join(map(str, r.shape)), status, _fmt(r.params_before), _fmt(r.params_after))
+    console.print(table)
+
+
+def print_totals(before: int, after: int, applied: int) -> None:
+    ratio = after / before if before else float("nan")
+    console.print(f"layers rewritten: {applied}   total parameters: {_fmt(before)} -> {_fmt(after)} ({ratio:.2f}x)")
+
+
+ModelArg = Annotated[str, typer.Argument(help="Model name: timm's if timm knows it, else torchvision's; or timm:NAME / torchvision:NAME.")]
+
+
+@app.command()
+@handle_errors
+def expand(
+    model: ModelArg,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Expanded checkpoint to write (.safetensors).")] = None,
+    recipe: Annotated[Optional[list[str]], typer.Option("--recipe", "-r", help="NAME or NAME:key=value,...; repeat to combine recipes.", rich_help_panel="Recipe")] = None,
+    recipe_file: Annotated[Optional[list[str]], typer.Option("--recipe-file", help="TOML recipe file, by path or bundled name (e.g. kflo-2x4).", rich_help_panel="Recipe")] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Only rewrite layers whose names match this glob (repeatable).", rich_help_panel="Layers")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never rewrite layers whose names match this glob (repeatable).", rich_help_panel="Layers")] = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Passed to the model constructor.", rich_help_panel="Model")] = None,
+    in_chans: Annotated[Optional[int], typer.Option("--in-chans", help="Input channels (timm models).", rich_help_panel="Model")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Load the source library's pretrained weights.", rich_help_panel="Model")] = False,
+    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Plain checkpoint of the original architecture to start from (strict).", rich_help_panel="Model")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for model construction and the random parts of the expansion.")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and parameter counts; write nothing.")] = False,
+) -> None:
+    """Rewrite a model's layers with one or more recipes and write the expanded checkpoint."""
+    import torch
+
+    from .checkpoint import load_plain_weights, save
+    from .models import create_model
+    from .recipefile import load_recipe_file
+    from .surgery import as_selections, expand as do_expand
+
+    specs: list[Any] = []
+    for ref in recipe_file or []:
+        specs.extend(load_recipe_file(ref).recipes)
+    specs.extend(recipe or [])
+    if not specs:
+        raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] or --recipe-file FILE (`kflo recipes` lists them)")
+    selections = as_selections(specs)
+    if output is None and not dry_run:
+        raise KfloError("no output file; pass -o OUT.safetensors (or --dry-run to only print the plan)")
+    torch.manual_seed(seed)
+    net = create_model(model, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained)
+    if init_from is not None:
+        load_plain_weights(net, init_from)
+    before = sum(p.numel() for p in net.parameters())
+    do_expand(net, selections, include=include or [], exclude=exclude or [], seed=seed)
+    after = sum(p.numel() for p in net.parameters())
+    applied = sum(r.applied for r in net.kflo_plan)
+    if dry_run:
+        print_plan(net.kflo_plan, f"{net.kflo_model_id} with {' + '.join(s.recipe.spec() for s in selections)}")
+        print_totals(before, after, applied)
+        return
+    save(net, output)
+    print_totals(before, after, applied)
+    console.print(f"wrote {output}")
+
+
+@app.command()
+@handle_errors
+def collapse(
+    expanded: Annotated[Path, typer.Argument(help="Expanded checkpoint from kflo expand or kflo train.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Plain checkpoint to write (.safetensors).")],
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float64, float16 or bfloat16 (default: the checkpoint's).")] = None,
+) -> None:
+    """Compose every rewritten layer (in float64) into a checkpoint of the original architecture."""
+    from .checkpoint import load, parse_dtype, read_metadata, save
+    from .models import create_model
+    from .surgery import collapse as do_collapse
+
+    meta = read_metadata(expanded)
+    if meta is None or meta["kind"] == "plain":
+        raise KfloError(f"{expanded} is already a plain checkpoint, so there is nothing to collapse; pass an expanded one")
+    model = load(expanded)
+    plain = do_collapse(model, dtype=parse_dtype(dtype) if dtype else None)
+    reference = create_model(meta["model_id"], **meta.get("model_kwargs", {})).state_dict()
+    got = plain.state_dict()
+    if set(got) != set(reference) or any(tuple(got[k].shape) != tuple(reference[k].shape) for k in reference):
+        raise KfloError(f"collapsing {expanded} did not reproduce the original architecture's keys; this is a bug in a recipe, please report it")
+    save(plain, output)
+    console.print(f"wrote {output} ({meta['model_id']}, {len(got)} tensors, {str(next(iter(plain.parameters())).dtype).replace('torch.', '')})")
+
+
+@app.command("verify-equivalence")
+@handle_errors
+def verify_equivalence(
+    expanded: Annotated[Path, typer.Argument(help="Expanded checkpoint.")],
+    collapsed: Annotated[Path, typer.Argument(help="Collapsed (plain) checkpoint.")],
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of the random inputs (default: the model's).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    trials: Annotated[int, typer.Option("--trials", min=1)] = 3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Pass threshold on max |error| / output scale (default: 1e-5 for float32, 1e-10 for float64).")] = None,
+) -> None:
+    """Prove numerically (eval mode, float64 compute) that the collapsed model computes what the expanded one does."""
+    from .checkpoint import load, read_metadata
+    from .verify import verify_equivalence as do_verify
+
+    meta = read_metadata(expanded)
+    a, b = load(expanded), load(collapsed)
+    size = _parse_size(input_size) or (tuple(meta["input_size"]) if meta and meta.get("input_size") else None)
+    report = do_verify(a, b, input_size=size, batch_size=batch_size, trials=trials, seed=seed, rtol=rtol)
+    console.print(
+        f"input {tuple(report.input_size)} x {batch_size}, {trials} trials: max |error| {report.max_abs_error:.3e}, "
+        f"output scale {report.output_scale:.3e}, relative {report.rel_error:.3e} (tolerance {report.rtol:.0e})"
+    )
+    if report.passed:
+        console.print("[green]PASS[/]: the collapsed model computes the same function")
+        return
+    table = Table(title="per-layer error (largest first)")
+    for col in ("layer", "max |error|", "relative"):
+        table.add_column(col)
+    for row in report.layers[:20]:
+        table.add_row(row.name, f"{row.max_abs:.3e}", f"{row.rel:.3e}")
+    console.print(table)
+    console.print("[red]FAIL[/]: outputs differ beyond the tolerance")
+    raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def recipes() -> None:
+    """List the recipes with their parameters, defaults and origin, and the bundled recipe files."""
+    from .recipefile import bundled_recipe_files
+    from .reparam import PLUGIN_ERRORS, list_recipes
+
+    table = Table(title="recipes")
+    for col in ("name", "parameters (default)", "description", "source"):
+        table.add_column(col)
+    for cls in list_recipes():
+        params = "\n".join(f"{k}={p.default!r} ({p.type.__name__}): {p.help}" for k, p in cls.params.items()) or "-"
+        table.add_row(cls.name, params, cls.description, cls.source)
+    console.print(table)
+    files = bundled_recipe_files()
+    if files:
+        console.print("recipe files: " + ", ".join(files))
+    for name, problem in PLUGIN_ERRORS:
+        print(f"warning: plugin '{name}' was skipped: {problem}", file=sys.stderr)
+
+
+@app.command()
+@handle_errors
+def inspect(path: Annotated[Path, typer.Argument(help="A kflo checkpoint (.safetensors).")]) -> None:
+    """Show a checkpoint's metadata and a per-layer summary."""
+    from .checkpoint import load_tensors, read_metadata
+
+    meta = read_metadata(path)
+    if meta is None:
+        raise KfloError(f"{path} has no kflo metadata; it was not written by kflo")
+    tensors = load_tensors(path)
+    total = sum(t.numel() for t in tensors.values())
+    head = Table(show_header=False, title=str(path))
+    for key in ("kind", "model_id", "model_kwargs", "input_size", "dtype", "kflo_version", "format_version"):
+        head.add_row(key, str(meta.get(key)))
+    if meta["kind"] == "expanded":
+        head.add_row("recipes", "; ".join(f"{r['name']} {r['params']}" for r in meta["recipes"]))
+    else:
+        head.add_row("collapsed from", "; ".join(f"{r['name']} {r['params']}" for r in meta.get("collapsed_from", [])) or "-")
+    head.add_row("tensors", f"{len(tensors)} ({_fmt(total)} values)")
+    console.print(head)
+    if meta["kind"] == "expanded":
+        table = Table(title="rewritten layers")
+        for col in ("layer", "type", "shape", "recipe", "stored values"):
+            table.add_column(col)
+        for layer in meta["layers"]:
+            prefix = layer["name"] + "."
+            count = sum(t.numel() for k, t in tensors.items() if k.startswith(prefix))
+            table.add_row(layer["name"], layer["type"], "x".join(map(str, layer["shape"])), layer["recipe"], _fmt(count))
+        console.print(table)
+
+
+def main() -> None:
+    """Entry point of the ``kflo`` console script."""
+    app()
+
+
+__all__ = ["app", "fail", "handle_errors", "main"]

@@ -1,0 +1,125 @@
+"""Model loading by name from timm (first) or torchvision, and the model's default input size."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch.nn as nn
+
+from .errors import KfloError
+
+SOURCES = ("timm", "torchvision")
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    from . import zoo  # noqa: F401  (registers the paper architectures into timm)
+
+    return timm.list_models()
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return tvm.list_models()
+
+
+def resolve_model_id(name: str) -> str:
+    """Return the canonical ``source:name`` for a model argument.
+
+    A bare name goes to timm if timm knows it, else to torchvision. Unknown names raise :class:`KfloError`
+    with up to five close matches.
+
+    >>> resolve_model_id("resnet18")
+    'timm:resnet18'
+    """
+    if ":" in name:
+        source, _, bare = name.partition(":")
+        if source not in SOURCES:
+            raise KfloError(f"unknown model source '{source}' in '{name}'; use timm:NAME or torchvision:NAME")
+        known = _timm_names() if source == "timm" else _torchvision_names()
+        if bare not in known:
+            raise KfloError(_unknown_message(name, bare, known, prefix=f"{source}:"))
+        return f"{source}:{bare}"
+    timm_names = _timm_names()
+    if name in timm_names:
+        return f"timm:{name}"
+    tv_names = _torchvision_names()
+    if name in tv_names:
+        return f"torchvision:{name}"
+    raise KfloError(_unknown_message(name, name, timm_names + tv_names, prefix=""))
+
+
+def _unknown_message(shown: str, bare: str, known: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(bare, known, n=5, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(prefix + c for c in close)}?" if close else "; run `python -c \"import timm; print(timm.list_models())\"` to see the names"
+    return f"unknown model '{shown}'{hint}"
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a model by name and remember how it was built (for self-describing checkpoints).
+
+    ``None`` arguments are dropped so the library's own defaults stay in force. The returned model carries
+    ``kflo_model_id`` and ``kflo_model_kwargs`` attributes; :func:`kflo_cli.save` records them.
+
+    >>> model = create_model("resnet18", num_classes=10)
+    >>> model.kflo_model_id
+    'timm:resnet18'
+    """
+    model_id = resolve_model_id(name)
+    source, _, bare = model_id.partition(":")
+    kw: dict[str, Any] = {k: v for k, v in kwargs.items() if v is not None}
+    if num_classes is not None:
+        kw["num_classes"] = int(num_classes)
+    if in_chans is not None:
+        if source == "torchvision":
+            raise KfloError(f"torchvision model '{bare}' does not take in_chans; drop --in-chans or use a timm model")
+        kw["in_chans"] = int(in_chans)
+    model = _build(source, bare, kw, pretrained)
+    model.kflo_model_id = model_id
+    model.kflo_model_kwargs = dict(kw)
+    return model
+
+
+def _build(source: str, bare: str, kw: dict[str, Any], pretrained: bool) -> nn.Module:
+    try:
+        if source == "timm":
+            import timm
+
+            return timm.create_model(bare, pretrained=pretrained, **kw)
+        import torchvision.models as tvm
+
+        return tvm.get_model(bare, weights="DEFAULT" if pretrained else None, **kw)
+    except KfloError:
+        raise
+    except TypeError as exc:
+        raise KfloError(f"model '{source}:{bare}' rejected its arguments {kw}: {exc}; check --num-classes/--in-chans") from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        if pretrained:
+            raise KfloError(
+                f"could not load pretrained weights for '{source}:{bare}' ({exc}); "
+                "drop --pretrained and use --init-from with a local checkpoint"
+            ) from None
+        raise KfloError(f"could not build model '{source}:{bare}' with {kw}: {exc}") from None
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """The (C, H, W) input size a model expects: its timm config if present, else (in_chans or 3, 224, 224)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    kwargs = getattr(model, "kflo_model_kwargs", {}) or {}
+    if size:
+        size = tuple(int(s) for s in size)
+        if "in_chans" in kwargs:
+            size = (int(kwargs["in_chans"]),) + size[1:]
+        return size
+    return (int(kwargs.get("in_chans", 3)), 224, 224)

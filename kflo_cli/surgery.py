@@ -1,0 +1,252 @@
+"""Planning, expanding and collapsing: walks any model's modules and hands each eligible layer to a recipe."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .errors import KfloError
+from .reparam import RECIPE_ATTR, LayerPlan, Recipe, create_recipe
+
+@dataclass
+class Selection:
+    """A recipe with its own include/exclude globs (fnmatch over module names)."""
+
+    recipe: Recipe
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"name": self.recipe.name, "params": dict(self.recipe.values), "include": self.include, "exclude": self.exclude}
+
+
+def as_selections(recipes: Any) -> list[Selection]:
+    """Normalise one spec, a list of specs, dicts (with optional include/exclude) or Selections."""
+    if isinstance(recipes, (str, dict, Recipe, Selection)):
+        recipes = [recipes]
+    out = []
+    for item in recipes:
+        if isinstance(item, Selection):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.append(Selection(create_recipe(item), list(item.get("include", [])), list(item.get("exclude", []))))
+        else:
+            out.append(Selection(create_recipe(item)))
+    if not out:
+        raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] or --recipe-file FILE")
+    return out
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _type_name(module: nn.Module) -> str:
+    return parametrize.type_before_parametrizations(module).__name__
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    w = getattr(module, "weight", None)
+    return tuple(w.shape) if isinstance(w, torch.Tensor) else ()
+
+
+def plan(
+    model: nn.Module,
+    recipes: Any,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[LayerPlan]:
+    """Decide which recipe rewrites which layer, without changing the model.
+
+    Recipes are tried in order; each takes the eligible layers matched by the global and its own globs.
+    A layer eligible for two recipes is an error (restrict one with include/exclude).
+
+    Returns:
+        One :class:`LayerPlan` per layer any recipe considered, in module order. ``params_after`` is filled by
+        :func:`expand`.
+    """
+    selections = as_selections(recipes)
+    shared = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+    rows: dict[str, LayerPlan] = {}
+    claimed: dict[str, str] = {}
+    for sel in selections:
+        recipe = sel.recipe
+        hits = 0
+        for name, module in model.named_modules():
+            if not name or not recipe.considers(module):
+                continue
+            reason = None
+            if include and not _matches(name, include):
+                reason = "not matched by --include"
+            elif _matches(name, exclude):
+                reason = "excluded by --exclude"
+            elif sel.include and not _matches(name, sel.include):
+                reason = f"not matched by {recipe.name}'s include"
+            elif _matches(name, sel.exclude):
+                reason = f"excluded by {recipe.name}'s exclude"
+            elif any(shared[id(p)] > 1 for p in module.parameters(recurse=False)):
+                reason = "a parameter is shared with another module"
+            else:
+                reason = recipe.skip_reason(name, module, model)
+            if reason is None:
+                if name in claimed:
+                    raise KfloError(
+                        f"layer '{name}' is claimed by both recipe '{claimed[name]}' and recipe '{recipe.name}'; "
+                        "restrict one of them with include/exclude globs"
+                    )
+                claimed[name] = recipe.name
+                hits += 1
+            before = _own_params(module)
+            row = rows.get(name)
+            if row is None or (reason is None and not row.applied):
+                rows[name] = LayerPlan(
+                    name=name,
+                    type=_type_name(module),
+                    shape=_weight_shape(module),
+                    recipe=recipe.name if reason is None else None,
+                    applied=reason is None,
+                    reason=reason or "",
+                    params_before=before,
+                    params_after=before,
+                )
+        if hits == 0:
+            raise KfloError(
+                f"recipe '{recipe.name}' matches no layer of this model; check --include/--exclude "
+                "or choose a recipe that applies to its layers (`kflo expand ... --dry-run` shows why each was skipped)"
+            )
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(rows.values(), key=lambda r: order[r.name])
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def expand(
+    model: nn.Module,
+    recipes: Any,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    seed: int | None = None,
+) -> nn.Module:
+    """Rewrite ``model``'s layers in place with one or more recipes and return it.
+
+    Args:
+        model: any ``nn.Module`` (for self-describing checkpoints, one from :func:`kflo_cli.create_model`).
+        recipes: a spec ``"kflo:depth=2,width=4"``, a recipe instance, a dict, or a list of those.
+        include: fnmatch globs over module names; only matching layers are rewritten.
+        exclude: fnmatch globs; matching layers are left alone.
+        seed: seeds the random parts of the initialisation (e.g. KFLO's extra W_1 rows).
+
+    The expanded model computes the same function as before (see each recipe for exceptions) and records
+    the plan in ``model.kflo_plan`` and the recipes in ``model.kflo_recipes``.
+
+    >>> import kflo_cli as kflo
+    >>> m = kflo.expand(kflo.create_model("lenet5"), "kflo:depth=2,width=4")
+    >>> sorted({row.recipe for row in m.kflo_plan if row.applied})
+    ['kflo']
+    """
+    if getattr(model, "kflo_recipes", None):
+        raise KfloError("this model is already expanded; collapse it first or expand the original model")
+    selections = as_selections(recipes)
+    rows = plan(model, selections, include=include, exclude=exclude)
+    by_name = {s.recipe.name: s.recipe for s in selections}
+    with _seeded(seed):
+        for row in rows:
+            if not row.applied:
+                continue
+            recipe = by_name[row.recipe]
+            module = model.get_submodule(row.name)
+            new = recipe.expand_layer(row.name, module, model)
+            setattr(new, RECIPE_ATTR, recipe)
+            if new is not module:
+                _set_submodule(model, row.name, new)
+            row.params_after = _own_params(new)
+    model.kflo_recipes = [s.as_metadata() for s in selections]
+    model.kflo_plan = rows
+    model.kflo_selection = {"include": list(include), "exclude": list(exclude)}
+    return model
+
+
+def rewritten_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Recipe]]:
+    """Yield ``(name, module, recipe)`` for every layer a recipe rewrote."""
+    for name, module in model.named_modules():
+        recipe = getattr(module, RECIPE_ATTR, None)
+        if recipe is not None:
+            yield name, module, recipe
+
+
+def is_expanded(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is rewritten by a recipe."""
+    return next(rewritten_layers(model), None) is not None
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Return a plain copy of an expanded model: the original architecture, with composed weights.
+
+    Composition runs in float64; the result is then cast to ``dtype`` (default: the expanded model's dtype).
+    The input model is not modified.
+
+    >>> import kflo_cli as kflo
+    >>> plain = kflo.collapse(kflo.expand(kflo.create_model("lenet5"), "kflo"))
+    >>> kflo.is_expanded(plain)
+    False
+    """
+    layers = list(rewritten_layers(model))
+    if not layers:
+        raise KfloError("this model has no expanded layers, so there is nothing to collapse; it is already plain")
+    target = dtype or model_dtype(model)
+    plain = copy.deepcopy(model)
+    done: dict[str, tuple[Recipe, list[str]]] = {}
+    for name, module, recipe in list(rewritten_layers(plain)):
+        new = recipe.collapse_layer(name, module, plain)
+        if hasattr(new, RECIPE_ATTR):
+            delattr(new, RECIPE_ATTR)
+        if new is not module:
+            _set_submodule(plain, name, new)
+        done.setdefault(recipe.name, (recipe, []))[1].append(name)
+    for recipe, names in done.values():
+        recipe.finalize_collapse(plain, names)
+    plain.to(target)
+    plain.kflo_collapsed_from = list(getattr(model, "kflo_recipes", []))
+    for attr in ("kflo_recipes", "kflo_plan", "kflo_selection"):
+        if hasattr(plain, attr):
+            delattr(plain, attr)
+    return plain
+
+
+__all__ = ["Selection", "as_selections", "collapse", "expand", "is_expanded", "model_dtype", "plan", "rewritten_layers"]
