@@ -57,7 +57,9 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
         meta["recipes"] = list(model.kflo_recipes)
         meta["selection"] = dict(getattr(model, "kflo_selection", {"include": [], "exclude": []}))
         meta["layers"] = [
-            {"name": r.name, "recipe": r.recipe, "type": r.type, "shape": list(r.shape)} for r in model.kflo_plan if r.applied
+            {"name": r.name, "recipe": r.recipe, "recipe_index": r.recipe_index, "type": r.type, "shape": list(r.shape)}
+            for r in model.kflo_plan
+            if r.applied
         ]
     else:
         meta["collapsed_from"] = list(getattr(model, "kflo_collapsed_from", []) or [])
@@ -118,13 +120,15 @@ def build_from_metadata(meta: dict[str, Any]) -> nn.Module:
     """Rebuild the (expanded or plain) model a metadata block describes, with fresh parameters."""
     model = create_model(meta["model_id"], **meta.get("model_kwargs", {}))
     if meta["kind"] == "expanded":
-        by_recipe: dict[str, list[str]] = {}
+        by_recipe: dict[int, list[str]] = {}
         for layer in meta["layers"]:
-            by_recipe.setdefault(layer["recipe"], []).append(layer["name"])
-        specs = []
-        for entry in meta["recipes"]:
-            names = by_recipe.get(entry["name"], [])
-            specs.append({"name": entry["name"], **entry["params"], "include": names or ["<none>"], "exclude": []})
+            by_recipe.setdefault(int(layer["recipe_index"]), []).append(layer["name"])
+        if sorted(by_recipe) != list(range(len(meta["recipes"]))):
+            raise KfloError("the checkpoint's layer list does not match its recipes; re-create it with kflo expand")
+        specs = [
+            {"name": entry["name"], **entry["params"], "include": by_recipe[i], "exclude": []}
+            for i, entry in enumerate(meta["recipes"])
+        ]
         expand(model, specs)
         model.kflo_recipes = list(meta["recipes"])
         model.kflo_selection = dict(meta.get("selection", {}))

@@ -20,8 +20,18 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-console = Console()
 _STATE = {"debug": False}
+
+
+class _LazyConsole:
+    """A rich console bound to the current stdout at print time; wide when stdout is not a terminal (logs, pipes),
+    so tables are never truncated there."""
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        Console(width=None if sys.stdout.isatty() else 200).print(*args, **kwargs)
+
+
+console = _LazyConsole()
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -41,7 +41,7 @@ def resolve_model_id(name: str) -> str:
             raise KfloError(f"unknown model source '{source}' in '{name}'; use timm:NAME or torchvision:NAME")
         known = _timm_names() if source == "timm" else _torchvision_names()
         if bare not in known:
-            raise KfloError(_unknown_message(name, bare, known, prefix=f"{source}:"))
+            raise KfloError(_unknown_message(name, bare, {source: known}))
         return f"{source}:{bare}"
     timm_names = _timm_names()
     if name in timm_names:
@@ -49,13 +49,19 @@ def resolve_model_id(name: str) -> str:
     tv_names = _torchvision_names()
     if name in tv_names:
         return f"torchvision:{name}"
-    raise KfloError(_unknown_message(name, name, timm_names + tv_names, prefix=""))
+    raise KfloError(_unknown_message(name, name, {"timm": timm_names, "torchvision": tv_names}))
 
 
-def _unknown_message(shown: str, bare: str, known: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(bare, known, n=5, cutoff=0.6)
-    hint = f"; did you mean: {', '.join(prefix + c for c in close)}?" if close else "; run `python -c \"import timm; print(timm.list_models())\"` to see the names"
-    return f"unknown model '{shown}'{hint}"
+def _unknown_message(shown: str, bare: str, known: dict[str, list[str]]) -> str:
+    """'unknown model' with up to five close matches, qualified by source (both libraries have e.g. resnet18)."""
+    pool = sorted({n for names in known.values() for n in names})
+    close = difflib.get_close_matches(bare, pool, n=5, cutoff=0.6)
+    qualified = [f"{src}:{c}" for c in close for src, names in known.items() if c in set(names)][:5]
+    if qualified:
+        hint = f"did you mean: {', '.join(qualified)}?"
+    else:
+        hint = "see timm.list_models() and torchvision.models.list_models() for the names"
+    return f"unknown model '{shown}'; {hint}"
 
 
 def create_model(

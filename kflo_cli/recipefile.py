@@ -37,16 +37,30 @@ class RecipeFile:
     train: dict[str, Any] = field(default_factory=dict)
 
 
+def _bundled_dirs() -> list[Any]:
+    """Where bundled recipe files live: the installed ``kflo_cli.recipe_files`` package (a wheel maps the
+    repository's ``recipes/`` there), else the ``recipes/`` folder beside the package in a source checkout
+    (editable installs do not expose the mapped sub-package)."""
+    dirs: list[Any] = []
+    try:
+        dirs.append(resources.files(PACKAGE))
+    except ModuleNotFoundError:
+        pass
+    dirs.append(Path(__file__).resolve().parent.parent / "recipes")
+    return dirs
+
+
 def bundled_recipe_files() -> dict[str, str]:
     """Name -> path of the recipe files shipped with kflo."""
-    found = {}
-    try:
-        root = resources.files(PACKAGE)
-        for entry in root.iterdir():
+    found: dict[str, str] = {}
+    for root in _bundled_dirs():
+        try:
+            entries = list(root.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
             if entry.name.endswith(".toml"):
-                found[entry.name[: -len(".toml")]] = str(entry)
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-        pass
+                found.setdefault(entry.name[: -len(".toml")], str(entry))
     return dict(sorted(found.items()))
 
 

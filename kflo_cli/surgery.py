@@ -82,7 +82,7 @@ def plan(
     shared = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     rows: dict[str, LayerPlan] = {}
     claimed: dict[str, str] = {}
-    for sel in selections:
+    for index, sel in enumerate(selections):
         recipe = sel.recipe
         hits = 0
         for name, module in model.named_modules():
@@ -121,6 +121,7 @@ def plan(
                     reason=reason or "",
                     params_before=before,
                     params_after=before,
+                    recipe_index=index if reason is None else -1,
                 )
         if hits == 0:
             raise KfloError(
@@ -176,12 +177,11 @@ def expand(
         raise KfloError("this model is already expanded; collapse it first or expand the original model")
     selections = as_selections(recipes)
     rows = plan(model, selections, include=include, exclude=exclude)
-    by_name = {s.recipe.name: s.recipe for s in selections}
     with _seeded(seed):
         for row in rows:
             if not row.applied:
                 continue
-            recipe = by_name[row.recipe]
+            recipe = selections[row.recipe_index].recipe
             module = model.get_submodule(row.name)
             new = recipe.expand_layer(row.name, module, model)
             setattr(new, RECIPE_ATTR, recipe)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -249,4 +249,5 @@ class LayerPlan:
     reason: str = ""
     params_before: int = 0
     params_after: int = 0
-    notes: list[str] = field(default_factory=list)
+    #: position of the applying recipe in the list given to expand (two recipes may share a name).
+    recipe_index: int = -1

@@ -1,0 +1,162 @@
+"""The kflo CLI: every foundation command and its error paths (one stderr line, exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from kflo_cli.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def assert_user_error(result, fragment: str) -> None:
+    assert result.exit_code == 2, result.output
+    err = result.stderr
+    assert err.startswith("error: ") and fragment in err, err
+    assert "Traceback" not in result.output and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    exp, plain = d / "r.safetensors", d / "p.safetensors"
+    r = run("expand", "timm:test_resnet", "--recipe", "kflo:depth=2,width=2", "--num-classes", "5", "-o", str(exp))
+    assert r.exit_code == 0, r.output
+    r = run("collapse", str(exp), "-o", str(plain))
+    assert r.exit_code == 0, r.output
+    return d, exp, plain
+
+
+def test_expand_collapse_verify(files):
+    d, exp, plain = files
+    r = run("verify-equivalence", str(exp), str(plain), "--input-size", "3,32,32")
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output and "relative" in r.output
+    model = timm.create_model("test_resnet", num_classes=5)
+    model.load_state_dict(load_file(str(plain)), strict=True)
+
+
+def test_verify_fails_on_a_different_model(files, tmp_path):
+    d, exp, plain = files
+    tensors = load_file(str(plain))
+    tensors["fc.weight"] = tensors["fc.weight"] * 1.01
+    from safetensors import safe_open
+
+    with safe_open(str(plain), "pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    r = run("verify-equivalence", str(exp), str(bad), "--input-size", "3,32,32")
+    assert r.exit_code == 1
+    assert "FAIL" in r.output and "per-layer error" in r.output
+
+
+def test_float64_collapse_verifies_to_1e_10(files):
+    d, exp, _ = files
+    p64 = d / "p64.safetensors"
+    assert run("collapse", str(exp), "-o", str(p64), "--dtype", "float64").exit_code == 0
+    r = run("verify-equivalence", str(exp), str(p64), "--input-size", "3,32,32")
+    # An expanded float32 checkpoint limits the tolerance to float32's 1e-5; the float64 collapse itself is exact.
+    assert r.exit_code == 0 and "tolerance 1e-05" in r.output
+
+
+def test_dry_run_prints_plan_and_totals(tmp_cwd):
+    r = run("expand", "lenet5", "--recipe", "kflo", "--dry-run", "--exclude", "features.0")
+    assert r.exit_code == 0, r.output
+    assert "excluded by --exclude" in r.output and "total parameters" in r.output
+    assert "61,706" in r.output  # vanilla LeNet-5 for 10 classes
+    assert not list(tmp_cwd.iterdir())
+
+
+def test_recipe_file_by_name_and_path(tmp_path):
+    out = tmp_path / "a.safetensors"
+    r = run("expand", "lenet5", "--recipe-file", "kflo-3x2", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    r = run("inspect", str(out))
+    assert r.exit_code == 0 and "depth': 3" in r.output and "rewritten layers" in r.output
+    toml = tmp_path / "mine.toml"
+    toml.write_text('[[recipe]]\nname = "kflo"\nwidth = 1.5\ninclude = ["classifier.*"]\n')
+    r = run("expand", "lenet5", "--recipe-file", str(toml), "--dry-run")
+    assert r.exit_code == 0 and "not matched by kflo's include" in r.output
+
+
+def test_init_from_plain_checkpoint(files, tmp_path):
+    d, exp, plain = files
+    out = tmp_path / "again.safetensors"
+    r = run("expand", "timm:test_resnet", "--num-classes", "5", "--recipe", "kflo", "--init-from", str(plain), "-o", str(out))
+    assert r.exit_code == 0, r.output
+    again = tmp_path / "again-plain.safetensors"
+    assert run("collapse", str(out), "-o", str(again)).exit_code == 0
+    a, b = load_file(str(plain)), load_file(str(again))
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_recipes_and_inspect(files):
+    r = run("recipes")
+    assert r.exit_code == 0 and "kflo" in r.output and "depth=2" in r.output and "built-in" in r.output
+    assert "kflo-2x4" in r.output
+    _, _, plain = files
+    r = run("inspect", str(plain))
+    assert r.exit_code == 0 and "plain" in r.output and "collapsed from" in r.output
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["expand", "resnet181", "--recipe", "kflo", "-o", "x.safetensors"], "did you mean: timm:resnet18"),
+    (["expand", "foo:resnet18", "--recipe", "kflo", "-o", "x.safetensors"], "unknown model source"),
+    (["expand", "lenet5", "--recipe", "nope", "-o", "x.safetensors"], "unknown recipe 'nope'"),
+    (["expand", "lenet5", "--recipe", "kflo:depth=1", "-o", "x.safetensors"], "B must be an integer >= 2"),
+    (["expand", "lenet5", "--recipe", "kflo:bogus=1", "-o", "x.safetensors"], "has no parameter bogus"),
+    (["expand", "lenet5", "--recipe", "kflo", "--include", "nothing*", "-o", "x.safetensors"], "matches no layer"),
+    (["expand", "lenet5", "--recipe", "kflo", "--recipe", "kflo:width=2", "-o", "x.safetensors"], "claimed by both"),
+    (["expand", "lenet5", "-o", "x.safetensors"], "no recipe given"),
+    (["expand", "lenet5", "--recipe", "kflo"], "no output file"),
+    (["expand", "lenet5", "--recipe-file", "nofile", "-o", "x.safetensors"], "neither a file nor a bundled recipe"),
+    (["expand", "lenet5", "--recipe", "kflo", "-o", "missing-dir/x.safetensors"], "does not exist"),
+    (["expand", "torchvision:resnet18", "--in-chans", "1", "--recipe", "kflo", "-o", "x.safetensors"], "does not take in_chans"),
+    (["collapse", "missing.safetensors", "-o", "y.safetensors"], "does not exist"),
+    (["inspect", "missing.safetensors"], "does not exist"),
+])
+def test_user_errors(tmp_cwd, args, fragment):
+    assert_user_error(run(*args), fragment)
+    assert not list(tmp_cwd.glob("*.safetensors"))
+
+
+def test_collapse_errors(files, tmp_cwd):
+    _, exp, plain = files
+    assert_user_error(run("collapse", str(plain), "-o", "y.safetensors"), "already a plain checkpoint")
+    junk = tmp_cwd / "junk.safetensors"
+    junk.write_text("hello")
+    assert_user_error(run("collapse", str(junk), "-o", "y.safetensors"), "not a readable safetensors file")
+    assert_user_error(run("collapse", str(exp), "-o", "y.safetensors", "--dtype", "int8"), "unknown dtype")
+    assert_user_error(run("verify-equivalence", str(exp), str(plain), "--input-size", "a,b"), "--input-size")
+    assert not (tmp_cwd / "y.safetensors").exists()
+
+
+def test_init_from_expanded_is_refused(files, tmp_cwd):
+    _, exp, _ = files
+    r = run("expand", "timm:test_resnet", "--num-classes", "5", "--recipe", "kflo", "--init-from", str(exp), "-o", "z.safetensors")
+    assert_user_error(r, "collapse it first")
+
+
+def test_debug_shows_traceback(tmp_cwd):
+    r = run("--debug", "expand", "resnet181", "--recipe", "kflo", "-o", "x.safetensors")
+    assert r.exit_code != 0 and r.exception is not None
+
+
+def test_python_dash_m_and_console_script(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kflo_cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("kflo ")
+    r = subprocess.run([sys.executable, "-m", "kflo_cli", "expand", "nosuchmodel", "--recipe", "kflo", "-o", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown model") and "Traceback" not in r.stderr
