@@ -124,7 +124,7 @@ def expand(
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Passed to the model constructor.", rich_help_panel="Model")] = None,
     in_chans: Annotated[Optional[int], typer.Option("--in-chans", help="Input channels (timm models).", rich_help_panel="Model")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Load the source library's pretrained weights.", rich_help_panel="Model")] = False,
-    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Plain checkpoint of the original architecture to start from (strict).", rich_help_panel="Model")] = None,
+    init_from: Annotated[Optional[list[Path]], typer.Option("--init-from", help="Plain checkpoint of the original architecture to start from (strict). Repeat with KFLO to stack further pretrained networks into W_1 (paper 4.1).", rich_help_panel="Model")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for model construction and the random parts of the expansion.")] = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and parameter counts; write nothing.")] = False,
 ) -> None:
@@ -147,10 +147,20 @@ def expand(
         raise KfloError("no output file; pass -o OUT.safetensors (or --dry-run to only print the plan)")
     torch.manual_seed(seed)
     net = create_model(model, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained)
-    if init_from is not None:
-        load_plain_weights(net, init_from)
+    if init_from:
+        load_plain_weights(net, init_from[0])
     before = sum(p.numel() for p in net.parameters())
     do_expand(net, selections, include=include or [], exclude=exclude or [], seed=seed)
+    if init_from and len(init_from) > 1:
+        from .reparam.kflo import stack_pretrained
+
+        others = []
+        for path in init_from[1:]:
+            reference = create_model(model, num_classes=num_classes, in_chans=in_chans)
+            load_plain_weights(reference, path)
+            others.append(reference.state_dict())
+        stacked = stack_pretrained(net, others)
+        console.print(f"stacked {len(others) + 1} pretrained networks into W_1 of {len(stacked)} layers")
     after = sum(p.numel() for p in net.parameters())
     applied = sum(r.applied for r in net.kflo_plan)
     if dry_run:

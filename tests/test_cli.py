@@ -160,3 +160,26 @@ def test_python_dash_m_and_console_script(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kflo_cli", "expand", "nosuchmodel", "--recipe", "kflo", "-o", str(tmp_path / "x")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown model") and "Traceback" not in r.stderr
+
+
+def test_stacking_pretrained_networks_into_w1(tmp_path):
+    """KFLO paper 4.1: rho = number of pretrained networks; the start reproduces the first network exactly."""
+    import kflo_cli as kflo
+
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        net = kflo.create_model("lenet5")
+        paths.append(tmp_path / f"net{seed}.safetensors")
+        kflo.save(net, paths[-1])
+    out = tmp_path / "stacked.safetensors"
+    r = run("expand", "lenet5", "--recipe", "kflo:width=2", "--init-from", str(paths[0]), "--init-from", str(paths[1]), "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert "stacked 2 pretrained networks into W_1 of 5 layers" in r.output
+    expanded, first, second = kflo.load(out), kflo.load(paths[0]), kflo.load(paths[1])
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(expanded(x), first(x), atol=1e-6)
+    w1 = expanded.classifier[0].parametrizations.weight[0].w1
+    assert torch.equal(w1[:120], first.classifier[0].weight) and torch.equal(w1[120:], second.classifier[0].weight)
+    r = run("expand", "lenet5", "--recipe", "kflo:width=1.5", "--init-from", str(paths[0]), "--init-from", str(paths[1]), "-o", str(out))
+    assert_user_error(r, "use width >= 2")

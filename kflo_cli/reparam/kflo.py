@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..errors import KfloError
 from .base import Param, ParamRole, WeightRecipe, round_half_up
 from . import register_recipe
 
@@ -121,4 +122,41 @@ class Kflo(WeightRecipe):
         return 0.5 * weight_decay * module.weight.pow(2).sum()
 
 
-__all__ = ["CASCADE_DECAY", "Kflo", "KfloParametrization", "kflo_width"]
+@torch.no_grad()
+def stack_pretrained(model: nn.Module, others: list[dict[str, torch.Tensor]]) -> list[str]:
+    """KFLO transfer learning (paper section 4.1): stack further pretrained kernels into each W_1.
+
+    ``model`` is KFLO-expanded from the first pretrained network (``--init-from``), so W_1's first ``out`` rows
+    hold its kernels and the cascade is ``[I | 0]``; the i-th network of ``others`` (plain state dicts of the same
+    architecture) fills rows ``out*i .. out*(i+1)``. The start still reproduces the first network exactly. Needs
+    ``R >= out * (1 + len(others))``, i.e. rho at least the number of networks.
+
+    Returns:
+        The names of the layers that received stacked kernels.
+    """
+    from ..surgery import rewritten_layers
+
+    done = []
+    for name, module, recipe in rewritten_layers(model):
+        if not isinstance(recipe, Kflo):
+            continue
+        param = module.parametrizations.weight[0]
+        out = param.cascade[-1].shape[0]
+        needed = out * (1 + len(others))
+        if param.w1.shape[0] < needed:
+            raise KfloError(
+                f"layer '{name}': W_1 has {param.w1.shape[0]} rows but {1 + len(others)} networks need {needed}; "
+                f"use width >= {1 + len(others)} (rho = number of pretrained networks)"
+            )
+        for i, state in enumerate(others, start=1):
+            weight = state.get(f"{name}.weight")
+            if weight is None or weight.numel() != out * param.w1.shape[1]:
+                raise KfloError(f"pretrained checkpoint {i + 1} has no matching '{name}.weight'; all checkpoints must be of the same architecture")
+            param.w1[out * i : out * (i + 1)].copy_(weight.reshape(out, -1))
+        done.append(name)
+    if not done:
+        raise KfloError("stacking pretrained kernels needs the kflo recipe; add --recipe kflo:width=N for N networks")
+    return done
+
+
+__all__ = ["CASCADE_DECAY", "Kflo", "KfloParametrization", "kflo_width", "stack_pretrained"]
