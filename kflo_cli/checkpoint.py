@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from ._atomic import atomic_path
 from .errors import KfloError
+from .reparam.base import rebuilding
 from .models import create_model, default_input_size
 from .surgery import expand, is_expanded, model_dtype
 
@@ -129,7 +130,8 @@ def build_from_metadata(meta: dict[str, Any]) -> nn.Module:
             {"name": entry["name"], **entry["params"], "include": by_recipe[i], "exclude": []}
             for i, entry in enumerate(meta["recipes"])
         ]
-        expand(model, specs)
+        with rebuilding():  # fresh weights are placeholders that the file's tensors replace
+            expand(model, specs)
         model.kflo_recipes = list(meta["recipes"])
         model.kflo_selection = dict(meta.get("selection", {}))
     return model

@@ -7,7 +7,8 @@ Built-in recipes register themselves on import of their module. Third-party reci
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 from ..errors import KfloError
 from .base import (
@@ -19,6 +20,7 @@ from .base import (
     Recipe,
     WeightRecipe,
     round_half_up,
+    weight_space_problem,
 )
 
 _REGISTRY: dict[str, type[Recipe]] = {}
@@ -63,13 +65,121 @@ def _load_plugins() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-            if callable(obj) and not isinstance(obj, type):
+            if callable(obj) and not isinstance(obj, type) and as_spec(obj) is None:
                 obj = obj()
+            spec = as_spec(obj)
+            if spec is not None:
+                obj = recipe_from_spec(spec)
             if not (isinstance(obj, type) and issubclass(obj, Recipe)):
-                raise TypeError(f"resolves to {obj!r}, not a Recipe subclass")
-            register_recipe(obj, source=f"plugin: {ep.value}")
+                raise TypeError(f"resolves to {obj!r}, neither a recipe spec nor a Recipe subclass")
+            register_recipe(obj, source=_plugin_source(ep))
         except Exception as exc:  # a broken plugin must never break the CLI
             PLUGIN_ERRORS.append((ep.name, f"{type(exc).__name__}: {exc}"))
+
+
+def _plugin_source(ep: Any) -> str:
+    """``plugin: <distribution> <version> (<module:attr>)``, or without the distribution when unknown."""
+    dist = getattr(ep, "dist", None)
+    name = dist.metadata["Name"] if dist is not None else None
+    return f"plugin: {name} {dist.version} ({ep.value})" if name else f"plugin: {ep.value}"
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """A weight-space recipe declared without subclassing; what a ``kflo.recipes`` entry point may resolve to.
+
+    Attributes:
+        name: the recipe's name in specs (``NAME:key=value,...``): no ``:``, ``,``, ``=`` or spaces.
+        description: one line for ``kflo recipes``.
+        params: parameter name -> :class:`Param` (type, default, help, optional check and choices), or a plain
+            bool/int/float/str default.
+        factory: ``factory(module, **values) -> nn.Module`` builds one layer's parametrization: its
+            ``forward()`` returns the effective weight, its ``right_inverse(weight)`` initialises its own
+            parameters from the layer's weight and returns ``()``, and an optional ``roles()`` names their
+            :class:`ParamRole` (the contract of :meth:`WeightRecipe.make_parametrization`).
+        skip: optional ``skip(name, module, **values) -> str | None``, a reason to leave a layer alone
+            (called after the generic checks; Conv1d/2d/3d and Linear layers are considered).
+
+    Entry points may also resolve to any mapping or object with these fields (see :func:`as_spec`).
+
+    Example (``docs/writing-a-recipe.md`` has the complete package)::
+
+        SPEC = RecipeSpec(name="lowrank_delta", description="...", params={"rank": Param(int, 4, "...")},
+                          factory=lambda module, rank: LowRankDelta(module.weight.shape, rank))
+    """
+
+    name: str
+    description: str
+    params: Mapping[str, Param]
+    factory: Callable[..., Any]
+    skip: Callable[..., str | None] | None = None
+
+
+_SPEC_FIELDS = ("name", "description", "params", "factory", "skip")
+
+
+def as_spec(obj: Any) -> RecipeSpec | None:
+    """``obj`` as a :class:`RecipeSpec`: a RecipeSpec itself, or any mapping or object with a ``name`` and a
+    ``factory`` (and optionally ``description``, ``params``, ``skip``); ``None`` for anything else."""
+    if isinstance(obj, RecipeSpec):
+        return obj
+    if isinstance(obj, type):
+        return None
+    if isinstance(obj, Mapping):
+        fields = {k: obj[k] for k in _SPEC_FIELDS if k in obj}
+    else:
+        fields = {k: getattr(obj, k) for k in _SPEC_FIELDS if hasattr(obj, k)}
+    if "name" not in fields or "factory" not in fields:
+        return None
+    fields.setdefault("description", "")
+    fields.setdefault("params", {})
+    return RecipeSpec(**fields)
+
+
+def _as_param(name: str, value: Any) -> Param:
+    """A spec's parameter: a :class:`Param`, or a plain bool/int/float/str default (typed by that value)."""
+    if isinstance(value, Param):
+        return value
+    if isinstance(value, (bool, int, float, str)):
+        return Param(type(value), value, f"{type(value).__name__}, default {value!r}")
+    raise TypeError(f"parameter '{name}' must be a kflo_cli.reparam.Param or a bool/int/float/str default, got {value!r}")
+
+
+def recipe_from_spec(spec: RecipeSpec) -> type[Recipe]:
+    """The :class:`WeightRecipe` subclass a :class:`RecipeSpec` describes.
+
+    Raises:
+        TypeError: a field has the wrong type (the plugin loader reports it and skips the plugin).
+    """
+    if not isinstance(spec.name, str) or not spec.name or any(c in spec.name for c in ":,= "):
+        raise TypeError(f"RecipeSpec name {spec.name!r} must be a non-empty string without ':', ',', '=' or spaces")
+    if not isinstance(spec.description, str):
+        raise TypeError(f"RecipeSpec '{spec.name}': description must be a string")
+    if not isinstance(spec.params, Mapping) or not all(isinstance(k, str) for k in spec.params):
+        raise TypeError(f"RecipeSpec '{spec.name}': params must map parameter names to kflo_cli.reparam.Param")
+    params = {k: _as_param(k, v) for k, v in spec.params.items()}
+    if not callable(spec.factory) or (spec.skip is not None and not callable(spec.skip)):
+        raise TypeError(f"RecipeSpec '{spec.name}': factory (and skip, if given) must be callable")
+
+    def make_parametrization(self: WeightRecipe, name: str, module: Any) -> Any:
+        return spec.factory(module, **self.values)
+
+    def skip_reason(self: WeightRecipe, name: str, module: Any, model: Any) -> str | None:
+        problem = weight_space_problem(module)
+        if problem is None and spec.skip is not None:
+            problem = spec.skip(name, module, **self.values)
+        return problem
+
+    attrs = {
+        "name": spec.name,
+        "description": spec.description,
+        "params": params,
+        "make_parametrization": make_parametrization,
+        "skip_reason": skip_reason,
+        "__doc__": spec.description,
+        "__module__": getattr(spec.factory, "__module__", __name__),
+    }
+    return type(f"SpecRecipe_{spec.name}", (WeightRecipe,), attrs)
 
 
 def list_recipes() -> list[type[Recipe]]:
@@ -84,6 +194,10 @@ def get_recipe(name: str) -> type[Recipe]:
     try:
         return _REGISTRY[name]
     except KeyError:
+        broken = [problem for ep_name, problem in PLUGIN_ERRORS if ep_name == name]
+        if broken:
+            raise KfloError(f"recipe '{name}' comes from a plugin that failed to load ({broken[0]}); "
+                            "fix or reinstall that plugin") from None
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
         hint = f"did you mean: {', '.join(close)}?" if close else f"known recipes: {', '.join(sorted(_REGISTRY))}"
         raise KfloError(f"unknown recipe '{name}'; {hint} (`kflo recipes` lists them)") from None
@@ -136,11 +250,14 @@ __all__ = [
     "ParamRole",
     "RECIPE_ATTR",
     "Recipe",
+    "RecipeSpec",
     "WeightRecipe",
+    "as_spec",
     "create_recipe",
     "get_recipe",
     "list_recipes",
     "parse_spec",
+    "recipe_from_spec",
     "register_recipe",
     "round_half_up",
 ]

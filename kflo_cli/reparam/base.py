@@ -10,10 +10,12 @@ A recipe rewrites single layers. Two families exist (see docs/architecture.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
@@ -26,6 +28,29 @@ RECIPE_ATTR = "_kflo_recipe"
 
 FILTER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+_REBUILDING: ContextVar[bool] = ContextVar("kflo_rebuilding", default=False)
+
+
+@contextlib.contextmanager
+def rebuilding() -> Iterator[None]:
+    """Mark an expansion that only rebuilds a checkpoint's structure (``kflo_cli.checkpoint`` loading).
+
+    The layers' weights are then placeholders that ``load_state_dict`` overwrites next, so recipes skip checks
+    on their values: the compander's refusal of unrepresentable weights must not reject a fresh model's random
+    initialisation when the checkpoint's own factors are about to replace it.
+    """
+    token = _REBUILDING.set(True)
+    try:
+        yield
+    finally:
+        _REBUILDING.reset(token)
+
+
+def is_rebuilding() -> bool:
+    """Whether the current expansion runs inside :func:`rebuilding`."""
+    return _REBUILDING.get()
 
 
 def round_half_up(x: float) -> int:

@@ -1,0 +1,123 @@
+"""DO-Conv: depthwise over-parameterized convolution (Cao et al., arXiv 2006.12030).
+
+Every convolution with a spatial kernel of ``M = prod(k) > 1`` taps gets a conventional kernel ``W``
+(``out x in/groups x D_mul``) and, per *true* input channel ``c``, a depthwise matrix ``D_c`` (``M x D_mul``).
+The effective kernel is
+
+    W'[o, c, s] = sum_d (D + I)[c_true(o, c), s, d] * W[o, c, d],   I = [I_M | 0] (M x D_mul)
+
+where ``c_true(o, c) = group(o) * in/groups + c`` is the input channel that tap ``(o, c)`` actually reads. ``D``
+starts at zero and ``W``'s first ``M`` columns are the layer's kernel, so expansion is function-preserving.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..errors import KfloError
+from . import register_recipe
+from .base import CONV_TYPES, Param, ParamRole, WeightRecipe, weight_space_problem
+
+
+def kernel_taps(module: nn.Module) -> int:
+    """The number of spatial taps ``prod(kernel_size)`` of a convolution."""
+    return math.prod(module.kernel_size)
+
+
+class DOConvParametrization(nn.Module):
+    """Holds ``kernel`` (W: out x in/groups x D_mul) and ``depthwise`` (D: in x M x D_mul).
+
+    ``forward()`` returns the layer-shaped kernel ``W'``.
+    """
+
+    def __init__(self, weight_shape: torch.Size, in_channels: int, groups: int, depth_multiplier: int) -> None:
+        super().__init__()
+        out, per_group, *kernel = weight_shape
+        taps = math.prod(kernel)
+        if depth_multiplier < taps:
+            # Below M the identity [I_M | 0] would lose taps: the public code silently zeroes them.
+            raise KfloError(f"DO-Conv needs depth_multiplier >= {taps} (the kernel's taps), got {depth_multiplier}")
+        self.weight_shape = tuple(weight_shape)
+        self.groups = groups
+        self.kernel = nn.Parameter(torch.empty(out, per_group, depth_multiplier))
+        self.depthwise = nn.Parameter(torch.empty(in_channels, taps, depth_multiplier))
+        # Not persistent: a constant, rebuilt from the shapes, so it never appears in a checkpoint.
+        self.register_buffer("eye", torch.eye(taps, depth_multiplier), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        out, per_group, *_ = self.weight_shape
+        groups = self.groups
+        taps, dmul = self.eye.shape
+        w = self.kernel.reshape(groups, out // groups, per_group, dmul)
+        d = (self.depthwise + self.eye).reshape(groups, per_group, taps, dmul)
+        return torch.einsum("gocd,gcsd->gocs", w, d).reshape(self.weight_shape)
+
+    @torch.no_grad()
+    def right_inverse(self, weight: torch.Tensor) -> tuple[()]:
+        """``D = 0``; ``W = [weight | random columns]``, so that ``W' = weight`` exactly.
+
+        The extra columns (``D_mul > M``) are drawn like a fresh layer's weight (``U(-1/sqrt(fan_in), ..)``):
+        zero columns facing a zero ``D`` would receive zero gradient forever.
+        """
+        out, per_group, *_ = self.weight_shape
+        taps = self.eye.shape[0]
+        bound = 1.0 / math.sqrt(per_group * taps)
+        self.kernel.uniform_(-bound, bound)
+        self.kernel[:, :, :taps].copy_(weight.reshape(out, per_group, taps))
+        self.depthwise.zero_()
+        return ()
+
+    def roles(self) -> dict[str, ParamRole]:
+        return {"kernel": ParamRole("doconv-kernel"), "depthwise": ParamRole("doconv-depthwise")}
+
+
+def _check_depth_multiplier(v: int) -> str | None:
+    return None if v >= 0 else "D_mul must be 0 (the kernel's number of taps) or an integer >= the taps"
+
+
+@register_recipe
+class DOConv(WeightRecipe):
+    """DO-Conv on every Conv1d/2d/3d with more than one spatial tap (grouped and depthwise included)."""
+
+    name = "doconv"
+    description = "Depthwise over-parameterized convolution: W' = (D + I)^T o W per input channel (Cao et al.)"
+    params = {
+        "depth_multiplier": Param(
+            int,
+            0,
+            "D_mul, columns per input channel: 0 = the kernel's number of taps prod(k); otherwise >= prod(k)",
+            _check_depth_multiplier,
+        ),
+    }
+
+    def considers(self, module: nn.Module) -> bool:
+        return isinstance(module, CONV_TYPES)
+
+    def depth_multiplier(self, module: nn.Module) -> int:
+        """D_mul for ``module``: the parameter, or the kernel's taps when it is 0."""
+        return self.values["depth_multiplier"] or kernel_taps(module)
+
+    def skip_reason(self, name: str, module: nn.Module, model: nn.Module) -> str | None:
+        problem = weight_space_problem(module)
+        if problem:
+            return problem
+        taps = kernel_taps(module)
+        if taps == 1:
+            return "1-tap kernel: no spatial taps to over-parameterize"
+        dmul = self.depth_multiplier(module)
+        if dmul < taps:
+            raise KfloError(
+                f"doconv: layer '{name}' has a {'x'.join(map(str, module.kernel_size))} kernel ({taps} taps) but "
+                f"depth_multiplier={dmul}; use depth_multiplier >= {taps}, 0 for each kernel's own taps, "
+                f"or --exclude '{name}'"
+            )
+        return None
+
+    def make_parametrization(self, name: str, module: nn.Module) -> nn.Module:
+        return DOConvParametrization(module.weight.shape, module.in_channels, module.groups, self.depth_multiplier(module))
+
+
+__all__ = ["DOConv", "DOConvParametrization", "kernel_taps"]

@@ -1,0 +1,75 @@
+"""Powerpropagation: w = v * |v|^(alpha - 1) (Schwarz et al., NeurIPS 2021), a baseline of the weight compander paper.
+
+Every conv and linear weight becomes ``sign(v) |v|^alpha`` of a new weight ``v = sign(w) |w|^(1/alpha)``, so
+expansion is function-preserving. Gradients are scaled by ``alpha |v|^(alpha-1)``: large weights move faster,
+small ones barely (the "rich get richer" dynamic that makes the network prunable).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from . import register_recipe
+from .base import Param, ParamRole, WeightRecipe
+
+
+class PowerpropParametrization(nn.Module):
+    """``forward() = sign(v) * |v|^alpha`` (equal to ``v * |v|^(alpha-1)``, with a zero gradient at ``v = 0``)."""
+
+    def __init__(self, weight_shape: torch.Size, alpha: float) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.v = nn.Parameter(torch.empty(weight_shape))
+
+    def forward(self) -> torch.Tensor:
+        # sign * |v|^alpha rather than v * |v|^(alpha-1): the latter's backward is 0 * inf = nan at v = 0
+        # for 1 < alpha < 2.
+        return torch.sign(self.v) * self.v.abs().pow(self.alpha)
+
+    @torch.no_grad()
+    def right_inverse(self, weight: torch.Tensor) -> tuple[()]:
+        """``v = sign(w) * |w|^(1/alpha)``, computed in float64."""
+        w = weight.detach().double()
+        self.v.copy_((torch.sign(w) * w.abs().pow(1.0 / self.alpha)).to(self.v.dtype))
+        return ()
+
+    @torch.no_grad()
+    def slope(self) -> torch.Tensor:
+        """``dw/dv = alpha * |v|^(alpha-1)``, elementwise, detached."""
+        return self.alpha * self.v.abs().pow(self.alpha - 1.0)
+
+    def roles(self) -> dict[str, ParamRole]:
+        # Decay goes on the weight w through the recipe's penalty, as for the compander with fixed a, b.
+        return {"v": ParamRole("powerprop-v", "none")}
+
+
+def _check_alpha(v: float) -> str | None:
+    return None if math.isfinite(v) and v >= 1.0 else "alpha must be a number >= 1 (alpha = 1 is the plain weight)"
+
+
+@register_recipe
+class Powerprop(WeightRecipe):
+    """Powerpropagation on every Conv1d/2d/3d and Linear weight."""
+
+    name = "powerprop"
+    description = "Powerpropagation: w = v*|v|^(alpha-1) (Schwarz et al.); a baseline of the weight compander paper"
+    params = {"alpha": Param(float, 2.0, "the exponent alpha >= 1", _check_alpha)}
+
+    def make_parametrization(self, name: str, module: nn.Module) -> nn.Module:
+        return PowerpropParametrization(module.weight.shape, self.values["alpha"])
+
+    def penalty(self, module: nn.Module, weight_decay: float) -> torch.Tensor | None:
+        """``weight_decay / 2 * ||w||^2`` on the effective weight (not on v)."""
+        if weight_decay == 0:
+            return None
+        return 0.5 * weight_decay * module.weight.pow(2).sum()
+
+    def step_scales(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``alpha |v|^(alpha-1)`` for ``v``: Powerpropagation's modified adaptive step (see docs/recipes.md)."""
+        return {"parametrizations.weight.0.v": self.parametrization(module).slope()}
+
+
+__all__ = ["Powerprop", "PowerpropParametrization"]

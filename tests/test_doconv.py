@@ -1,0 +1,145 @@
+"""DO-Conv recipe: per-true-input-channel D, function-preserving start, exact collapse, counts, zoo and CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kflo_cli as kflo
+from kflo_cli.errors import KfloError
+from kflo_cli.reparam.doconv import DOConvParametrization
+
+from recipe_checks import cli_roundtrip, conv_configs, layer_roundtrip, zoo_roundtrip
+
+TOL64 = 1e-10  # float64 layers: composing and collapsing only reorder float64 sums
+
+
+def expected_params(kwargs: dict, dmul: int) -> int:
+    taps = math.prod(kwargs["kernel_size"])
+    cin, cout, groups = kwargs["in_channels"], kwargs["out_channels"], kwargs["groups"]
+    return cout * (cin // groups) * dmul + cin * taps * dmul + (cout if kwargs["bias"] else 0)
+
+
+@given(cfg=conv_configs(min_taps=2), extra=st.integers(0, 3), seed=st.integers(0, 100))
+def test_doconv_layer_start_collapse_and_count(cfg, extra, seed):
+    cls, kwargs, in_shape = cfg
+    taps = math.prod(kwargs["kernel_size"])
+    dmul = taps + extra
+    torch.manual_seed(seed)
+    layer = cls(**kwargs).double()
+    x = torch.randn((2, *in_shape), dtype=torch.float64)
+    spec = f"doconv:depth_multiplier={dmul}" if extra else "doconv"
+    expanded = layer_roundtrip(layer, spec, x, tol=TOL64, seed=seed)
+    assert "weight" not in dict(expanded.named_parameters())
+    assert sum(p.numel() for p in expanded.parameters()) == expected_params(kwargs, dmul)
+    # Train mode: the forward and backward reach both factors.
+    expanded.train()
+    expanded(x).pow(2).sum().backward()
+    inner = expanded.parametrizations.weight[0]
+    assert inner.kernel.grad.abs().sum() > 0 and inner.depthwise.grad.abs().sum() > 0
+
+
+def naive_doconv(kernel: torch.Tensor, depthwise: torch.Tensor, groups: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The definition, one output and input channel at a time: W'[o, c] = (D_{c_true} + I)^T-weighted W[o, c]."""
+    out, per_group, *k = shape
+    taps = math.prod(k)
+    eye = torch.eye(taps, kernel.shape[2], dtype=kernel.dtype)
+    result = torch.zeros(out, per_group, taps, dtype=kernel.dtype)
+    for o in range(out):
+        g = o // (out // groups)
+        for c in range(per_group):
+            result[o, c] = (depthwise[g * per_group + c] + eye) @ kernel[o, c]
+    return result.reshape(shape)
+
+
+@pytest.mark.parametrize("groups,cin,cout", [(1, 3, 4), (2, 4, 6), (3, 3, 6)])
+def test_depthwise_matrix_is_tied_to_the_true_input_channel(groups, cin, cout):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(cin, cout, 3, groups=groups).double()
+    inner = DOConvParametrization(layer.weight.shape, cin, groups, 11).double()
+    inner.right_inverse(layer.weight.detach())
+    with torch.no_grad():
+        inner.depthwise.normal_()
+    assert torch.allclose(inner(), naive_doconv(inner.kernel, inner.depthwise, groups, layer.weight.shape), atol=1e-12)
+    # Changing D of true input channel c changes only the filters of c's group, and only at c's position.
+    base = inner().detach().clone()
+    c_true = cin - 1
+    with torch.no_grad():
+        inner.depthwise[c_true] += 1.0
+    changed = (inner().detach() - base).abs().sum(dim=(2, 3)) > 0
+    g, c_local = divmod(c_true, cin // groups)
+    expected = torch.zeros_like(changed)
+    expected[g * (cout // groups):(g + 1) * (cout // groups), c_local] = True
+    assert torch.equal(changed, expected)
+
+
+def test_extra_columns_are_random_and_depthwise_starts_at_zero():
+    layer = nn.Conv2d(2, 3, 3)
+    inner = DOConvParametrization(layer.weight.shape, 2, 1, 12)
+    inner.right_inverse(layer.weight.detach())
+    assert torch.equal(inner.kernel[:, :, :9], layer.weight.detach().reshape(3, 2, 9))
+    assert inner.kernel[:, :, 9:].abs().sum() > 0, "zero extra columns facing a zero D never train"
+    assert inner.depthwise.abs().sum() == 0
+
+
+def test_depth_multiplier_below_taps_is_refused_naming_the_layer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 5), nn.Conv2d(4, 4, 3))
+    with pytest.raises(KfloError, match=r"layer '0' has a 5x5 kernel \(25 taps\).*depth_multiplier >= 25"):
+        kflo.expand(model, "doconv:depth_multiplier=9")
+    # Excluding the 5x5 layer makes D_mul = 9 valid for the 3x3 one.
+    kflo.expand(model, "doconv:depth_multiplier=9", exclude=["0"])
+    assert [r.name for r in model.kflo_plan if r.applied] == ["1"]
+    with pytest.raises(KfloError, match="D_mul must be 0"):
+        kflo.create_recipe("doconv:depth_multiplier=-1")
+
+
+def test_one_tap_convolutions_are_skipped_and_linear_layers_ignored():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    rows = {r.name: r for r in kflo.plan(model, "doconv")}
+    assert not rows["0"].applied and "1-tap" in rows["0"].reason
+    assert rows["1"].applied and "3" not in rows
+
+
+@pytest.mark.parametrize("cls_name", ["Conv2dSame", "StdConv2d", "ScaledStdConv2d"])
+def test_timm_weight_reading_subclasses(cls_name):
+    import timm.layers as tl
+
+    torch.manual_seed(0)
+    layer = getattr(tl, cls_name)(4, 6, 3, stride=2).double()
+    layer_roundtrip(layer, "doconv", torch.randn(2, 4, 9, 9, dtype=torch.float64), tol=TOL64)
+
+
+def test_roles_and_gradients():
+    model = kflo.expand(nn.Sequential(nn.Conv2d(2, 3, 3)), "doconv")
+    roles = kflo.param_roles(model)
+    assert roles["0.parametrizations.weight.0.kernel"].kind == "doconv-kernel"
+    assert roles["0.parametrizations.weight.0.depthwise"].kind == "doconv-depthwise"
+    assert kflo.step_scales(model) == {}
+
+
+ZOO = [
+    ("timm:test_efficientnet", {"num_classes": 5}, (3, 32, 32)),
+    ("timm:tf_mobilenetv3_small_minimal_100", {"num_classes": 5}, (3, 32, 32)),
+    ("torchvision:shufflenet_v2_x0_5", {"num_classes": 5}, (3, 32, 32)),
+    ("smallnet_k7", {}, (3, 32, 32)),
+]
+
+
+@pytest.mark.parametrize("model_id,kwargs,size", ZOO, ids=[z[0] for z in ZOO])
+def test_zoo(model_id, kwargs, size, tmp_path):
+    model = zoo_roundtrip(model_id, kwargs, size, "doconv", tmp_path)
+    skipped = [r for r in model.kflo_plan if not r.applied]
+    assert all("1-tap" in r.reason for r in skipped)
+
+
+def test_cli_expand_collapse_verify(tmp_path):
+    plain = cli_roundtrip("timm:test_resnet", ["--recipe-file", "doconv"], tmp_path, "3,32,32", ["--num-classes", "4"])
+    import timm
+    from safetensors.torch import load_file
+
+    timm.create_model("test_resnet", num_classes=4).load_state_dict(load_file(str(plain)), strict=True)
