@@ -125,6 +125,7 @@ def expand(
     in_chans: Annotated[Optional[int], typer.Option("--in-chans", help="Input channels (timm models).", rich_help_panel="Model")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Load the source library's pretrained weights.", rich_help_panel="Model")] = False,
     init_from: Annotated[Optional[list[Path]], typer.Option("--init-from", help="Plain checkpoint of the original architecture to start from (strict). Repeat with KFLO to stack further pretrained networks into W_1 (paper 4.1).", rich_help_panel="Model")] = None,
+    init_from_expanded: Annotated[Optional[Path], typer.Option("--init-from-expanded", help="ExpandNet +Init: an expanded checkpoint (the trained nonlinear counterpart) whose tensors start this expansion; without --recipe its recipes are reused with nonlinear=none, mode=kernel.", rich_help_panel="Model")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for model construction and the random parts of the expansion.")] = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and parameter counts; write nothing.")] = False,
 ) -> None:
@@ -140,6 +141,17 @@ def expand(
     for ref in recipe_file or []:
         specs.extend(load_recipe_file(ref).recipes)
     specs.extend(recipe or [])
+    if init_from_expanded is not None:
+        from .checkpoint import read_metadata
+        from .reparam.expandnet import linear_counterpart_specs
+
+        if init_from:
+            raise KfloError("--init-from and --init-from-expanded both set the starting weights; pass only one")
+        source_specs = linear_counterpart_specs(init_from_expanded)
+        specs = specs or source_specs
+        source_kwargs = read_metadata(init_from_expanded).get("model_kwargs", {})
+        num_classes = num_classes if num_classes is not None else source_kwargs.get("num_classes")
+        in_chans = in_chans if in_chans is not None else source_kwargs.get("in_chans")
     if not specs:
         raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] or --recipe-file FILE (`kflo recipes` lists them)")
     selections = as_selections(specs)
@@ -151,6 +163,11 @@ def expand(
         load_plain_weights(net, init_from[0])
     before = sum(p.numel() for p in net.parameters())
     do_expand(net, selections, include=include or [], exclude=exclude or [], seed=seed)
+    if init_from_expanded is not None:
+        from .reparam.expandnet import transfer_factors
+
+        count = transfer_factors(net, init_from_expanded)
+        console.print(f"started from {count} tensors of {init_from_expanded}")
     if init_from and len(init_from) > 1:
         from .reparam.kflo import stack_pretrained
 
@@ -283,6 +300,92 @@ def inspect(path: Annotated[Path, typer.Argument(help="A kflo checkpoint (.safet
             count = sum(t.numel() for k, t in tensors.items() if k.startswith(prefix))
             table.add_row(layer["name"], layer["type"], "x".join(map(str, layer["shape"])), layer["recipe"], _fmt(count))
         console.print(table)
+
+
+_P_RUN, _P_MODEL, _P_DATA, _P_OPT, _P_KD = "Run", "Model", "Data", "Optimisation", "Distillation"
+
+
+@app.command()
+@handle_errors
+def train(
+    source: Annotated[Optional[str], typer.Argument(help="Model name (vanilla, or expanded on the fly with --recipe), or a checkpoint (expanded or plain); omit with --resume.")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Run directory to create.", rich_help_panel=_P_RUN)] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory, exactly.", rich_help_panel=_P_RUN)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run's files in RUN_DIR.", rich_help_panel=_P_RUN)] = False,
+    recipe: Annotated[Optional[list[str]], typer.Option("--recipe", "-r", help="NAME or NAME:key=value,...; repeat to combine.", rich_help_panel=_P_MODEL)] = None,
+    recipe_file: Annotated[Optional[list[str]], typer.Option("--recipe-file", help="TOML recipe file (path or bundled name); its \\[train] table sets defaults.", rich_help_panel=_P_MODEL)] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Only rewrite layers matching this glob.", rich_help_panel=_P_MODEL)] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never rewrite layers matching this glob.", rich_help_panel=_P_MODEL)] = None,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Plain checkpoint of the architecture to start from.", rich_help_panel=_P_MODEL)] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from the library's pretrained weights.", rich_help_panel=_P_MODEL)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="digits (default, bundled), fashion-mnist, mnist, cifar10, cifar100, imagefolder, synthetic.", rich_help_panel=_P_DATA)] = None,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Where the data set's files are.", rich_help_panel=_P_DATA)] = None,
+    download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Let torchvision download the data set.", rich_help_panel=_P_DATA)] = None,
+    val_split: Annotated[Optional[float], typer.Option("--val-split", help="Fraction of the training set held out for validation (selects best).", rich_help_panel=_P_DATA)] = None,
+    train_fraction: Annotated[Optional[float], typer.Option("--train-fraction", help="Keep this fraction of each class (KFLO's 40% transfer setting).", rich_help_panel=_P_DATA)] = None,
+    label_noise: Annotated[Optional[float], typer.Option("--label-noise", help="Replace this fraction of training labels at random (ExpandNets' study).", rich_help_panel=_P_DATA)] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="The data set's standard augmentation.", rich_help_panel=_P_DATA)] = None,
+    in_chans: Annotated[Optional[int], typer.Option("--in-chans", help="Convert the images to this many channels.", rich_help_panel=_P_DATA)] = None,
+    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Resize the images to this size.", rich_help_panel=_P_DATA)] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader worker processes.", rich_help_panel=_P_DATA)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds initialisation, expansion, data split, order and augmentation.", rich_help_panel=_P_OPT)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", rich_help_panel=_P_OPT)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Global batch (split across torchrun processes).", rich_help_panel=_P_OPT)] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd or adamw.", rich_help_panel=_P_OPT)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Base learning rate.", rich_help_panel=_P_OPT)] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum.", rich_help_panel=_P_OPT)] = None,
+    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (SGD).", rich_help_panel=_P_OPT)] = None,
+    betas: Annotated[Optional[str], typer.Option("--betas", help="AdamW betas, e.g. 0.9,0.999.", rich_help_panel=_P_OPT)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="The vanilla weight decay; recipes place it per their paper.", rich_help_panel=_P_OPT)] = None,
+    decay_on: Annotated[Optional[str], typer.Option("--decay-on", help="ExpandNet: 'factors' (each factor) or 'composed' (the product).", rich_help_panel=_P_OPT)] = None,
+    decay_norm_bias: Annotated[Optional[bool], typer.Option("--decay-norm-bias/--no-decay-norm-bias", help="Also decay 1-D parameters (biases, norm layers).", rich_help_panel=_P_OPT)] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="cosine, multistep or constant.", rich_help_panel=_P_OPT)] = None,
+    milestones: Annotated[Optional[str], typer.Option("--milestones", help="Multistep epochs, e.g. 60,120,160.", rich_help_panel=_P_OPT)] = None,
+    gamma: Annotated[Optional[float], typer.Option("--gamma", help="Multistep factor.", rich_help_panel=_P_OPT)] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warmup length (may be fractional).", rich_help_panel=_P_OPT)] = None,
+    min_lr: Annotated[Optional[float], typer.Option("--min-lr", help="Cosine floor.", rich_help_panel=_P_OPT)] = None,
+    grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient's total L2 norm.", rich_help_panel=_P_OPT)] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU).", rich_help_panel=_P_OPT)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=_P_OPT)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads).", rich_help_panel=_P_OPT)] = None,
+    ema: Annotated[Optional[float], typer.Option("--ema", help="Keep an exponential moving average with this decay.", rich_help_panel=_P_OPT)] = None,
+    collapse_from: Annotated[Optional[str], typer.Option("--collapse-from", help="Which weights to collapse at the end: last, best or ema.", rich_help_panel=_P_RUN)] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher architecture (for a plain weights file).", rich_help_panel=_P_KD)] = None,
+    teacher_checkpoint: Annotated[Optional[str], typer.Option("--teacher-checkpoint", help="The trained teacher's checkpoint.", rich_help_panel=_P_KD)] = None,
+    kd_alpha: Annotated[Optional[float], typer.Option("--kd-alpha", help="Weight of the distillation term.", rich_help_panel=_P_KD)] = None,
+    kd_temperature: Annotated[Optional[float], typer.Option("--kd-temperature", help="Softmax temperature.", rich_help_panel=_P_KD)] = None,
+    stop_after_steps: Annotated[Optional[int], typer.Option("--stop-after-steps", hidden=True)] = None,
+) -> None:
+    """Train a model (vanilla or expanded), then collapse it, verify it and measure the collapsed model."""
+    from .train.commands import parse_number_list, run_train
+
+    overrides = dict(
+        recipe=recipe, recipe_file=recipe_file, include=include, exclude=exclude, init_from=init_from, pretrained=pretrained,
+        data=data, data_dir=data_dir, download=download, val_split=val_split, train_fraction=train_fraction,
+        label_noise=label_noise, augment=augment, in_chans=in_chans, img_size=img_size, num_workers=num_workers,
+        seed=seed, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
+        betas=parse_number_list(betas, float, "--betas"), weight_decay=weight_decay, decay_on=decay_on,
+        decay_norm_bias=decay_norm_bias, schedule=schedule, milestones=parse_number_list(milestones, int, "--milestones"),
+        gamma=gamma, warmup_epochs=warmup_epochs, min_lr=min_lr, grad_clip=grad_clip, amp=amp, device=device,
+        threads=threads, ema=ema, collapse_from=collapse_from, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
+        kd_alpha=kd_alpha, kd_temperature=kd_temperature,
+    )
+    code = run_train(source=source, output=output, resume_dir=resume, overwrite=overwrite, overrides=overrides, stop_after_steps=stop_after_steps)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+@handle_errors
+def quickstart(
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Keep the two run directories here (default: a temporary folder).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs of each run (default 8).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Expand LeNet-5 with KFLO 2x4, train it and a vanilla baseline on the bundled digits, collapse, verify."""
+    from .train.quickstart import quickstart as run_quickstart
+
+    run_quickstart(output, epochs=epochs, seed=seed)
 
 
 def main() -> None:

@@ -1,0 +1,320 @@
+"""Each recipe's optimisation rules: parameter groups, penalties, the modified adaptive step and the schedule.
+
+* Parameter groups follow :func:`kflo_cli.roles.param_roles`: KFLO (Henig & Giryes) puts no decay on W_1 and
+  1e-9 on the cascade, plus the vanilla decay on the composed kernel as a loss penalty; the weight compander
+  (Cakaj, Mehnert & Yang) decays Psi(v) (fixed a, b) or v (learnable a, b); ExpandNets (Guo, Alvarez &
+  Salzmann) decay every factor, or with ``decay_on="composed"`` the product (Arora et al.'s product-L2 form).
+* The compander's modified adaptive step (Adam family): the adaptive step is computed from dL/dPsi(v) and then
+  multiplied by Psi'(v) (see :class:`ModifiedAdaptiveStep`).
+* :func:`optimizer_step` is the one place where backward, AMP unscaling, clipping and the step are ordered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..errors import KfloError
+from ..reparam import ParamRole
+from ..roles import decay_penalty, param_roles, step_scales
+from ..surgery import rewritten_layers
+from .config import ADAPTIVE_OPTIMIZERS, TrainConfig
+
+#: The role kind whose decay ``decay_on="composed"`` moves onto the layer's composed weight.
+EXPANDNET_FACTOR = "expandnet-factor"
+
+
+@dataclass
+class GroupSpec:
+    """One optimizer parameter group, with what the table at the start of a run prints about it."""
+
+    label: str
+    weight_decay: float
+    scaled: bool = False
+    names: list[str] = field(default_factory=list)
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def effective_decay(name: str, param: torch.Tensor, role: ParamRole, config: TrainConfig) -> tuple[float, str]:
+    """The weight decay of one parameter and the label of its group.
+
+    A recipe's explicit ``"none"`` or float wins. ``"default"`` means the run's ``--weight-decay``, except on
+    1-D parameters (biases, norm scales and shifts), which get none unless ``--decay-norm-bias`` (timm's
+    convention: decaying a BatchNorm scale fights the normalisation, and biases do not over-fit).
+    With ``--decay-on composed``, ExpandNet factors get none: the decay moves onto their product.
+    """
+    kind = role.kind
+    if kind == EXPANDNET_FACTOR and config.decay_on == "composed":
+        return 0.0, f"{kind} (decay on product)"
+    if role.weight_decay == "none":
+        return 0.0, kind
+    if isinstance(role.weight_decay, (int, float)) and not isinstance(role.weight_decay, bool):
+        return float(role.weight_decay), kind
+    if role.weight_decay != "default":
+        raise KfloError(f"parameter {name} has weight-decay role {role.weight_decay!r}; a recipe must give 'default', 'none' or a number")
+    if param.ndim <= 1 and not config.decay_norm_bias:
+        return 0.0, f"{kind} 1-D (bias/norm)"
+    return config.weight_decay, kind
+
+
+def build_param_groups(model: nn.Module, config: TrainConfig) -> list[GroupSpec]:
+    """Group the trainable parameters by (role label, weight decay, modified step), in first-seen order."""
+    roles = param_roles(model)
+    scaled_names = set(step_scales(model)) if config.optimizer in ADAPTIVE_OPTIMIZERS else set()
+    groups: dict[tuple[str, float, bool], GroupSpec] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay, label = effective_decay(name, param, roles[name], config)
+        scaled = name in scaled_names
+        key = (label, decay, scaled)
+        if key not in groups:
+            groups[key] = GroupSpec(label, decay, scaled)
+        groups[key].names.append(name)
+        groups[key].params.append(param)
+    return list(groups.values())
+
+
+def composed_decay_layers(model: nn.Module, config: TrainConfig) -> list[tuple[str, nn.Module]]:
+    """Layers whose composed weight carries the decay because of ``--decay-on composed``."""
+    if config.decay_on != "composed":
+        return []
+    layers = []
+    roles = param_roles(model)
+    for name, module, recipe in rewritten_layers(model):
+        prefix = f"{name}." if name else ""
+        local = [n for n, _ in module.named_parameters()]
+        if not any(roles.get(prefix + n, ParamRole("ordinary")).kind == EXPANDNET_FACTOR for n in local):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
+            raise KfloError(
+                f"--decay-on composed needs the composed weight of layer '{name}' ({recipe.name}), which this form of "
+                "the recipe does not expose as .weight; use --decay-on factors or the recipe's weight-space form"
+            )
+        layers.append((name, module))
+    return layers
+
+
+def total_penalty(model: nn.Module, config: TrainConfig, composed: list[tuple[str, nn.Module]]) -> torch.Tensor:
+    """The recipes' penalties plus ``wd/2 * ||W||^2`` on composed weights for ``--decay-on composed``.
+
+    The 1/2 matches KFLO's convention (kflo_cli/reparam/kflo.py): the gradient is ``wd * W``, what SGD's
+    ``weight_decay`` does to a plain weight, so the product is decayed exactly as hard as the vanilla layer.
+    """
+    wd = config.weight_decay
+    total = decay_penalty(model, wd)
+    if wd:
+        for _, module in composed:
+            total = total + 0.5 * wd * module.weight.pow(2).sum()
+    return total
+
+
+def penalty_rows(model: nn.Module, config: TrainConfig, composed: list[tuple[str, nn.Module]]) -> list[tuple[str, int, float]]:
+    """(description, number of layers, weight decay) of every penalty term, for the table at the start."""
+    wd = config.weight_decay
+    counts: dict[str, int] = {}
+    if wd:
+        with torch.no_grad():
+            for _, module, recipe in rewritten_layers(model):
+                if recipe.penalty(module, wd) is not None:
+                    counts[f"{recipe.name} penalty (loss term)"] = counts.get(f"{recipe.name} penalty (loss term)", 0) + 1
+    rows = [(label, n, wd) for label, n in counts.items()]
+    if composed and wd:
+        rows.append(("wd/2 * ||composed W||^2 (--decay-on composed)", len(composed), wd))
+    return rows
+
+
+def build_optimizer(groups: list[GroupSpec], config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov) or AdamW over the groups, each with its own weight decay.
+
+    Groups with the modified adaptive step are given ``weight_decay=0``: :class:`ModifiedAdaptiveStep` applies
+    their (decoupled) decay itself so that it is not multiplied by the step scale.
+    """
+    torch_groups: list[dict[str, Any]] = []
+    for g in groups:
+        torch_groups.append(
+            {
+                "params": g.params,
+                "weight_decay": 0.0 if g.scaled else g.weight_decay,
+                "kflo_label": g.label,
+                "kflo_decay": g.weight_decay,
+            }
+        )
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(torch_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return torch.optim.AdamW(torch_groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+
+
+class ModifiedAdaptiveStep:
+    """The weight compander's modified adaptive step (Cakaj et al., after Schwarz et al.'s Powerpropagation).
+
+    With w = Psi(v) the gradient is dL/dv = dL/dPsi * Psi'(v), and an adaptive optimizer would normalise the
+    Psi'(v) factor away. Before the optimizer's step, this divides each scaled parameter's gradient by
+    s = Psi'(v) (recomputed every step through :func:`kflo_cli.roles.step_scales`), so the optimizer sees
+    dL/dPsi; after the step it multiplies the optimizer's update by s. Decoupled weight decay is applied
+    before, unscaled, as AdamW would. Entries where s is 0 get no update.
+
+    It hooks the optimizer's ``step``, so a step skipped by AMP's GradScaler is skipped here too.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[GroupSpec]) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.targets: list[tuple[str, nn.Parameter, float]] = []
+        for spec in groups:
+            if spec.scaled:
+                self.targets.extend((n, p, spec.weight_decay) for n, p in zip(spec.names, spec.params))
+        self._saved: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        self._handles = []
+        if self.targets:
+            self._handles.append(optimizer.register_step_pre_hook(self._before))
+            self._handles.append(optimizer.register_step_post_hook(self._after))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.targets)
+
+    @torch.no_grad()
+    def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        scales = step_scales(self.model)
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        self._saved = []
+        for name, p, decay in self.targets:
+            if name not in scales:
+                raise KfloError(f"the recipe gave no step scale for {name} this step; its step_scales() must cover the same parameters every step")
+            s = scales[name].to(device=p.device, dtype=p.dtype).expand_as(p)
+            if p.grad is None:
+                continue
+            if decay:
+                p.mul_(1.0 - lr_of[id(p)] * decay)
+            p.grad.copy_(torch.where(s != 0, p.grad / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(s)))
+            self._saved.append((p, p.detach().clone(), s))
+
+    @torch.no_grad()
+    def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for p, before, s in self._saved:
+            p.copy_(before + (p - before) * s)
+        self._saved = []
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate factor at each optimizer step (a pure function of the step: nothing to save but it).
+
+    Linear warmup from ``1/warmup_steps`` to 1 over ``warmup_steps``, then ``cosine`` (to ``min_factor`` at
+    the last step), ``multistep`` (times ``gamma`` at each milestone epoch) or ``constant``.
+    """
+
+    kind: str
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int = 0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    min_factor: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, steps_per_epoch: int) -> "Schedule":
+        total = config.epochs * steps_per_epoch
+        return cls(
+            config.schedule,
+            total,
+            steps_per_epoch,
+            warmup_steps=min(total, int(round(config.warmup_epochs * steps_per_epoch))),
+            milestones=tuple(config.milestones),
+            gamma=config.gamma,
+            min_factor=config.min_lr / config.lr,
+        )
+
+    def factor(self, step: int) -> float:
+        """The multiplier of the base learning rate for optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "multistep":
+            passed = sum(step >= m * self.steps_per_epoch for m in self.milestones)
+            return self.gamma**passed
+        span = max(1, self.total_steps - self.warmup_steps - 1)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int, base_lr: float) -> float:
+        """Set every group's learning rate for ``step``; return it."""
+        lr = base_lr * self.factor(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {"kind": self.kind, "step": step, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+
+
+@dataclass
+class StepOutcome:
+    """What :func:`optimizer_step` did: the gradient norm before clipping (if measured) and whether it stepped."""
+
+    grad_norm: float | None
+    stepped: bool
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[torch.Tensor],
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_norm: float | None = None,
+) -> StepOutcome:
+    """Backward, then the AMP/clipping/step sequence in the only order that is right.
+
+    1. backward on the (scaled) loss;
+    2. ``scaler.unscale_``, so that clipping and the step see true gradients;
+    3. clip the total L2 norm to ``clip_norm``;
+    4. ``scaler.step`` (skips the step when a gradient is inf/NaN, i.e. the scale was too high) and
+       ``scaler.update``, or a plain ``optimizer.step``;
+    5. clear the gradients.
+    """
+    params = [p for p in params if p.requires_grad]
+    scaled = scaler is not None and scaler.is_enabled()
+    (scaler.scale(loss) if scaled else loss).backward()
+    if scaled:
+        scaler.unscale_(optimizer)
+    grad_norm = None
+    if clip_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+    stepped = True
+    if scaled:
+        before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        stepped = scaler.get_scale() >= before
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(grad_norm, stepped)
+
+
+__all__ = [
+    "EXPANDNET_FACTOR",
+    "GroupSpec",
+    "ModifiedAdaptiveStep",
+    "Schedule",
+    "StepOutcome",
+    "build_optimizer",
+    "build_param_groups",
+    "composed_decay_layers",
+    "effective_decay",
+    "optimizer_step",
+    "penalty_rows",
+    "total_penalty",
+]

@@ -1,0 +1,86 @@
+"""`kflo train` and `kflo quickstart` from the command line: signals, precedence, refusals, the main job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from kflo_cli.cli import app
+from kflo_cli.train import TrainingInterrupted, resume
+from kflo_cli.train.state import load_state
+
+runner = CliRunner()
+FAST = ["--data", "digits", "--threads", "1", "--batch-size", "32"]
+
+
+def test_sigint_finishes_the_step_saves_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kflo_cli", "train", "lenet5", "--recipe", "kflo", "--epochs", "50", *FAST, "-o", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "state.safetensors").exists():  # written once training is about to start
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert f"kflo train --resume {run}" in err and "SIGINT" in err and "Traceback" not in err
+    info = load_state(run)["info"]
+    assert 0 < info["global_step"] and info["epoch"] < 50 and not info["finished"]
+    # the saved state resumes: one more step, then stop again
+    with pytest.raises(TrainingInterrupted):
+        resume(run, stop_after_steps=info["global_step"] + 1, progress=False)
+    assert load_state(run)["info"]["global_step"] == info["global_step"] + 1
+
+
+def test_cli_beats_recipe_file_beats_defaults(tmp_path):
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('[[recipe]]\nname = "kflo"\ndepth = 2\nwidth = 2.0\n\n[train]\nlr = 0.1\nepochs = 3\nmilestones = [2]\nschedule = "multistep"\n')
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "lenet5", "--recipe-file", str(recipe), "--lr", "0.2", *FAST, "-o", str(run), "--stop-after-steps", "1"])
+    assert r.exit_code == 130, r.output
+    config = json.loads((run / "config.json").read_text())
+    assert (config["lr"], config["epochs"], config["schedule"], config["milestones"]) == (0.2, 3, "multistep", [2])
+    assert config["batch_size"] == 32 and config["weight_decay"] == 5e-4  # command line and built-in default
+    assert "kflo-w1" in r.output and "kflo penalty" in r.output  # the parameter-group table
+    # reusing the directory needs --resume or --overwrite; --resume refuses changed options
+    r = runner.invoke(app, ["train", "lenet5", *FAST, "-o", str(run)])
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    r = runner.invoke(app, ["train", "--resume", str(run), "--lr", "0.3"])
+    assert r.exit_code == 2 and "--lr differ" in r.stderr
+    r = runner.invoke(app, ["train", "lenet5", "--resume", str(run)])
+    assert r.exit_code == 2 and "drop SOURCE" in r.stderr
+
+
+def test_user_errors_are_one_line(tmp_path):
+    r = runner.invoke(app, ["train", "lenet5", "--optimizer", "rmsprop", "-o", str(tmp_path / "r")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: --optimizer 'rmsprop' is not one of sgd, adamw")
+    r = runner.invoke(app, ["train", "lenet5"])
+    assert r.exit_code == 2 and "-o RUN_DIR" in r.stderr
+    r = runner.invoke(app, ["train", "lenet5", "--milestones", "a,b", "-o", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "--milestones" in r.stderr
+
+
+def test_quickstart_prints_both_accuracies_and_the_verification(tmp_path):
+    r = runner.invoke(app, ["quickstart", "--epochs", "3", "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "vanilla" in r.output and "KFLO 2x4, collapsed" in r.output and "PASS" in r.output
+    kflo_run = json.loads((tmp_path / "kflo-2x4" / "summary.json").read_text())
+    vanilla_run = json.loads((tmp_path / "vanilla" / "summary.json").read_text())
+    # both learn the digits (10 classes: chance is 10 %); the KFLO number is the collapsed plain model's
+    assert kflo_run["collapsed"]["strict_load"] and kflo_run["collapsed"]["test_acc"] > 80
+    assert vanilla_run["kind"] == "vanilla" and vanilla_run["final_test_acc"] > 80
+    assert f"{kflo_run['collapsed']['test_acc']:.2f}%" in r.output and f"{vanilla_run['final_test_acc']:.2f}%" in r.output
