@@ -22,7 +22,7 @@ from .reparam import (
     register_recipe,
 )
 from .roles import decay_penalty, param_roles, step_scales
-from .surgery import collapse, expand, is_expanded, plan, rewritten_layers
+from .surgery import collapse, collapse_problem, expand, is_expanded, plan, rewritten_layers
 from .verify import EquivalenceReport, verify_equivalence
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "WeightRecipe",
     "__version__",
     "collapse",
+    "collapse_problem",
     "create_model",
     "create_recipe",
     "decay_penalty",

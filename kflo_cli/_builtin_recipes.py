@@ -2,7 +2,15 @@
 
 import importlib
 
-BUILTIN_RECIPE_MODULES = ("kflo_cli.reparam.kflo",)
+BUILTIN_RECIPE_MODULES = (
+    "kflo_cli.reparam.kflo",
+    "kflo_cli.reparam.doconv",
+    "kflo_cli.reparam.acnet",
+    "kflo_cli.reparam.compander",
+    "kflo_cli.reparam.powerprop",
+    "kflo_cli.reparam.weightnorm",
+    "kflo_cli.reparam.expandnet",
+)
 
 
 def load_builtin_recipes() -> None:

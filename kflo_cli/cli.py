@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -388,8 +389,21 @@ def quickstart(
     run_quickstart(output, epochs=epochs, seed=seed)
 
 
+def _one_line_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                      line: str | None = None) -> None:
+    """Show library warnings as one ``warning: ...`` line (no source location) unless --debug."""
+    if _STATE["debug"]:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+    else:
+        print(f"warning: {message}", file=file or sys.stderr)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def main() -> None:
     """Entry point of the ``kflo`` console script."""
+    warnings.showwarning = _one_line_warning
     app()
 
 

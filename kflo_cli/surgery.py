@@ -215,6 +215,16 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def collapse_problem(model: nn.Module) -> str | None:
+    """Why :func:`collapse` would refuse this expanded model (the first layer no single layer can compute, with
+    what to do instead), or ``None`` when it collapses."""
+    for name, module, recipe in rewritten_layers(model):
+        problem = recipe.collapse_problem(name, module)
+        if problem:
+            return problem
+    return None
+
+
 def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Return a plain copy of an expanded model: the original architecture, with composed weights.
 
@@ -229,6 +239,9 @@ def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module
     layers = list(rewritten_layers(model))
     if not layers:
         raise KfloError("this model has no expanded layers, so there is nothing to collapse; it is already plain")
+    problem = collapse_problem(model)
+    if problem:
+        raise KfloError(problem)
     target = dtype or model_dtype(model)
     plain = copy.deepcopy(model)
     done: dict[str, tuple[Recipe, list[str]]] = {}
@@ -249,4 +262,4 @@ def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module
     return plain
 
 
-__all__ = ["Selection", "as_selections", "collapse", "expand", "is_expanded", "model_dtype", "plan", "rewritten_layers"]
+__all__ = ["Selection", "as_selections", "collapse", "collapse_problem", "expand", "is_expanded", "model_dtype", "plan", "rewritten_layers"]

@@ -20,6 +20,23 @@ CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 @st.composite
+def paddings(draw, d: int, stride: tuple[int, ...]):
+    """``(stride, padding, padding_mode)`` for a ``d``-dimensional convolution: int tuples, "same" (stride 1, as
+    PyTorch requires) or "valid", and every padding mode where there is padding."""
+    kind = draw(st.sampled_from(["int", "int", "same", "valid"]))
+    if kind == "same":
+        stride, padding = (1,) * d, "same"
+    elif kind == "valid":
+        padding = "valid"
+    else:
+        padding = tuple(draw(st.integers(0, 3)) for _ in range(d))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    if padding == "valid" or padding == (0,) * d:
+        mode = "zeros"
+    return stride, padding, mode
+
+
+@st.composite
 def conv_configs(draw, dims=(1, 2, 3), min_taps: int = 1, square_odd: bool = False):
     """``(class, kwargs, input shape)`` of a random convolution: groups, depthwise, stride, dilation, padding
     (int, "same", "valid") and every padding mode."""
@@ -40,16 +57,7 @@ def conv_configs(draw, dims=(1, 2, 3), min_taps: int = 1, square_odd: bool = Fal
             kernel = (2,) + kernel[1:]
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(d))
     stride = tuple(draw(st.integers(1, 2)) for _ in range(d))
-    padding_kind = draw(st.sampled_from(["int", "int", "same", "valid"]))
-    if padding_kind == "same":
-        stride, padding = 1, "same"
-    elif padding_kind == "valid":
-        padding = "valid"
-    else:
-        padding = tuple(draw(st.integers(0, 3)) for _ in range(d))
-    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
-    if padding == "valid" or padding == (0,) * d:
-        mode = "zeros"
+    stride, padding, mode = draw(paddings(d, stride))
     bias = draw(st.booleans())
     size = tuple(max(kk * dd + 4, 7) for kk, dd in zip(kernel, dilation))
     kwargs = dict(in_channels=cin, out_channels=cout, kernel_size=kernel, stride=stride, padding=padding,

@@ -177,6 +177,10 @@ class Recipe:
         """
         raise NotImplementedError
 
+    def collapse_problem(self, name: str, module: nn.Module) -> str | None:
+        """Why this expanded layer cannot be collapsed (e.g. a nonlinear chain), or ``None`` when it can."""
+        return None
+
     # -- training ---------------------------------------------------------------------------------------------
     def roles(self, module: nn.Module) -> dict[str, ParamRole]:
         """Roles of the parameters of an expanded layer, by name relative to the layer. Missing names: ordinary."""

@@ -25,7 +25,7 @@ from .. import checkpoint
 from .._atomic import write_text_atomic
 from ..errors import KfloError
 from ..reparam.base import rebuilding
-from ..surgery import collapse
+from ..surgery import collapse, collapse_problem
 from . import report
 from .config import CONFIG_FILE, TrainConfig, check_resume_overrides, load_config
 from .distributed import DistContext, setup, wrap
@@ -418,7 +418,11 @@ class Run:
             "seconds": sum(r.get("seconds", 0.0) for r in self.history),
         }
         if not self.vanilla:
-            summary["collapsed"] = self._collapse()
+            problem = collapse_problem(self.model)
+            if problem is None:
+                summary["collapsed"] = self._collapse()
+            else:  # e.g. ExpandNets' nonlinear counterpart: trained on purpose, collapsed by its linear successor
+                summary["not_collapsed"] = problem
         if self.ctx.is_main:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         self.finished = True

@@ -105,6 +105,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row("parameters trained / deployed", f"{summary['params_trained']:,} / {collapsed['params']:,}")
     else:
         table.add_row("parameters", f"{summary['params_trained']:,}")
+    if summary.get("not_collapsed"):
+        table.add_row("collapse", f"skipped: {summary['not_collapsed']}")
     if summary.get("world_size", 1) > 1:
         table.add_row("processes", f"{summary['world_size']} (ranks identical: {summary.get('ranks_identical')})")
     table.add_row("time", f"{summary['seconds']:.1f} s")

@@ -1,0 +1,409 @@
+"""ExpandNets CL, CK and FC (Guo, Alvarez & Salzmann, *ExpandNets: Linear Over-parameterization to Train Compact
+Convolutional Networks*, NeurIPS 2020), in two execution forms of the same linear function.
+
+* ``expandnet-cl`` (paper 3.1, "expanding convolutional layers"): a convolution whose kernel has more than one
+  tap becomes ``1x1 (m -> r*m)``, ``k x k (-> r*n)``, ``1x1 (-> n)``; stride on the middle link.
+* ``expandnet-ck`` ("expanding convolutional kernels"): a convolution with an odd kernel dimension larger than 3
+  becomes ``l = (k_max - 1) / 2`` chained 3-tap convolutions (1-tap along dimensions that are already covered),
+  widths ``r*m`` then ``r*n``; stride on the last link.
+* ``expandnet-fc`` (paper 3.3): a Linear layer becomes ``L`` Linear layers ``m -> r*m -> r*n ... -> n``.
+
+Padding goes on the first link, the layer's groups and dilation on every link (paper 3.2). The factors are
+owned by an :class:`~kflo_cli.reparam.expandnet_chain.ExpandChain` registered as the layer's ``weight``
+parametrization (and the composed bias as its ``bias`` parametrization) in both forms, so checkpoints have the
+same keys whichever form wrote them. ``mode=kernel`` runs the layer's own forward on the composed kernel;
+``mode=feature`` runs the chain of real layers (and allows the nonlinear counterpart of the "+Init" scheme).
+See docs/expandnet.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from ..errors import KfloError
+from . import register_recipe
+from .base import CONV_TYPES, Param, ParamRole, Recipe, is_rebuilding, weight_space_problem
+from .expandnet_chain import ACTIVATIONS, ComposedBias, ExpandChain, chain_width
+
+MODES = ("kernel", "feature")
+NONLINEAR = ("none", *ACTIVATIONS)
+INITS = ("auto", "preserve", "random")
+
+
+def _check_rate(v: float) -> str | None:
+    return None if v > 0 and v != float("inf") else "the expansion rate r must be a number > 0"
+
+
+def _common_params() -> dict[str, Param]:
+    return {
+        "rate": Param(float, 4.0, "r, the expansion rate: inner widths are r*m and r*n (a number > 0)", _check_rate),
+        "mode": Param(str, "kernel", "kernel: compose the chain's kernel and run the layer on it; feature: run the "
+                      "chain of real layers (the paper's form)", choices=MODES),
+        "nonlinear": Param(str, "none", "an activation between the chained layers (mode=feature): the nonlinear "
+                           "counterpart of the +Init scheme, not collapsible", choices=NONLINEAR),
+        "init": Param(str, "auto", "preserve: start from the layer's own weight and bias where the widths allow an "
+                      "exact factorisation; random: the paper's fresh-layer initialisation; auto: preserve for the "
+                      "linear ExpandNet, random for the nonlinear counterpart", choices=INITS),
+    }
+
+
+def _stem_param() -> Param:
+    return Param(str, "keep", "keep: the first width of an RGB stem (the model's first convolution, 3 input "
+                 "channels) stays m, as in the official code and the paper's tables; expand: r*m everywhere "
+                 "(the paper's formula)", choices=("keep", "expand"))
+
+
+def _timm_class(name: str) -> type | None:
+    try:
+        import timm.layers as layers
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    return getattr(layers, name, None)
+
+
+def padding_kind(module: nn.Module) -> str | None:
+    """How :func:`feature_forward` pads the input of ``module``'s chain: ``"static"`` (``nn.ConvNd``'s own rules),
+    ``"tf-same"`` (timm's ``Conv2dSame``), ``"linear"``, or ``None`` for a subclass whose forward may do anything
+    with its weight (e.g. timm's ``StdConv2d`` standardises it), which only ``mode=kernel`` supports."""
+    cls = type(module)
+    if isinstance(module, nn.Linear):
+        return "linear" if cls.forward is nn.Linear.forward or cls is _timm_class("Linear") else None
+    if cls is _timm_class("Conv2dSame"):
+        return "tf-same"
+    base = next(b for b in CONV_TYPES if isinstance(module, b))
+    if cls.forward is base.forward and cls._conv_forward is base._conv_forward:
+        return "static"
+    return None
+
+
+def feature_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``forward`` of a layer expanded with ``mode=feature``: pad as the layer would, then run the chain."""
+    chain: ExpandChain = self.parametrizations.weight[0]
+    if chain.linear:
+        return chain.run(x, 0)
+    if self._kflo_padding == "tf-same":
+        from timm.layers.padding import pad_same
+
+        return chain.run(pad_same(x, self.kernel_size, self.stride, self.dilation), 0)
+    if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+        return chain.run(x, self.padding)
+    pads = self._reversed_padding_repeated_twice
+    if any(pads):
+        x = torch.nn.functional.pad(x, pads, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+    return chain.run(x, 0)
+
+
+_FEATURE_CLASSES: dict[type, type] = {}
+
+
+def feature_class(cls: type) -> type:
+    """``cls`` with :func:`feature_forward` as its forward (one class per original class)."""
+    if cls not in _FEATURE_CLASSES:
+        _FEATURE_CLASSES[cls] = type(f"ExpandNetFeature{cls.__name__}", (cls,),
+                                     {"forward": feature_forward, "_kflo_original_class": cls})
+    return _FEATURE_CLASSES[cls]
+
+
+def original_class(module: nn.Module) -> type:
+    """The class the layer had before the recipe rewrote it (either form)."""
+    cls = parametrize.type_before_parametrizations(module)
+    return cls.__dict__.get("_kflo_original_class", cls)
+
+
+def is_stem(module: nn.Module, model: nn.Module) -> bool:
+    """Whether ``module`` is the model's first convolution (module order) and reads 3 (RGB) channels."""
+    first = next((m for m in model.modules() if isinstance(m, CONV_TYPES)), None)
+    return first is module and module.in_channels == 3
+
+
+def logit_layer(model: nn.Module) -> nn.Module | None:
+    """The model's classifier: timm's ``get_classifier()`` if that is a Linear, else the last Linear layer."""
+    try:
+        head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    except Exception:  # noqa: BLE001  (any model code may fail; fall back to module order)
+        head = None
+    if isinstance(head, nn.Linear):
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+NONLINEAR_COLLAPSE = (
+    "layer '{name}' runs the nonlinear counterpart (nonlinear={act}), which no single layer computes, so it cannot "
+    "be collapsed; this is the first half of ExpandNets' +Init scheme: train it, transfer its factors to the linear "
+    "ExpandNet (`kflo expand MODEL --init-from-expanded THIS.safetensors -o linear.safetensors`), train that, and "
+    "collapse the linear one"
+)
+
+
+class ExpandNetRecipe(Recipe):
+    """What CL, CK and FC share: the chain, its two forms, its initialisation and its collapse."""
+
+    layer_types: ClassVar[tuple[type[nn.Module], ...]] = CONV_TYPES
+
+    def validate(self) -> None:
+        v = self.values
+        if v["nonlinear"] != "none" and v["mode"] != "feature":
+            raise KfloError(f"recipe '{self.name}': nonlinear={v['nonlinear']} needs mode=feature (the nonlinear "
+                            "counterpart runs real chained layers); add mode=feature")
+        if v["nonlinear"] != "none" and v["init"] == "preserve":
+            raise KfloError(f"recipe '{self.name}': init=preserve cannot preserve a function through "
+                            f"nonlinear={v['nonlinear']}; use init=random (or auto)")
+
+    def considers(self, module: nn.Module) -> bool:
+        return isinstance(module, self.layer_types)
+
+    def links(self, module: nn.Module, model: nn.Module) -> tuple[list[int], list[tuple[int, ...]], list[tuple[int, ...]]]:
+        """The chain's widths ``[m, ..., n]``, each link's kernel size and each link's stride."""
+        raise NotImplementedError
+
+    def shape_problem(self, module: nn.Module, model: nn.Module) -> str | None:
+        """Why this recipe leaves the layer alone (``None``: it expands it)."""
+        return None
+
+    def skip_reason(self, name: str, module: nn.Module, model: nn.Module) -> str | None:
+        problem = weight_space_problem(module) or self.shape_problem(module, model)
+        if problem is None and self.values["mode"] == "feature" and padding_kind(module) is None:
+            problem = (f"mode=feature cannot run a chain inside {type(module).__name__}'s own forward (it may "
+                       "transform the weight); use mode=kernel")
+        return problem
+
+    def expand_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
+        widths, kernels, strides = self.links(module, model)
+        weight = module.weight.detach()
+        bias = module.bias.detach() if module.bias is not None else None
+        act = None if self.values["nonlinear"] == "none" else self.values["nonlinear"]
+        groups = getattr(module, "groups", 1)
+        dilation = tuple(getattr(module, "dilation", ()))
+        chain = ExpandChain(widths, kernels, strides, groups, bias is not None, dilation, act,
+                            device=weight.device, dtype=weight.dtype)
+        init = self.values["init"]
+        if init == "auto":
+            init = "random" if act else "preserve"
+        if init == "random" or is_rebuilding() or not chain.init_preserving(weight, bias):
+            chain.reset_random()
+            if init == "preserve" and not is_rebuilding():
+                warnings.warn(
+                    f"{self.name}: layer '{name}' (widths {' -> '.join(map(str, widths))}, groups {groups}) has no "
+                    "exact function-preserving factorisation, so it starts from the paper's random initialisation; "
+                    "pass init=random to say so, or raise the rate (or stem=expand) to preserve it",
+                    stacklevel=2,
+                )
+        order = list(module._parameters)
+        padding = padding_kind(module)
+        if self.values["mode"] == "feature":
+            module.__class__ = feature_class(type(module))
+        parametrize.register_parametrization(module, "weight", chain, unsafe=True)
+        if bias is not None:
+            parametrize.register_parametrization(module, "bias", ComposedBias(chain), unsafe=True)
+        module._kflo_param_order = order
+        module._kflo_padding = padding
+        return module
+
+    def collapse_problem(self, name: str, module: nn.Module) -> str | None:
+        chain: ExpandChain = module.parametrizations.weight[0]
+        return NONLINEAR_COLLAPSE.format(name=name, act=chain.activation) if chain.activation else None
+
+    def collapse_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
+        chain: ExpandChain = module.parametrizations.weight[0]
+        problem = self.collapse_problem(name, module)
+        if problem:
+            raise KfloError(problem)
+        has_bias = "bias" in module.parametrizations
+        with torch.no_grad():
+            chain.to(torch.float64)
+            weight = chain().detach().clone()
+            bias = chain.composed_bias().detach().clone() if has_bias else None
+        # Not parametrize.remove_parametrizations: it edits the parametrized class, which the deep copy shares
+        # with the expanded model this plain one comes from.
+        module.__class__ = original_class(module)
+        del module.parametrizations
+        module.weight = nn.Parameter(weight)
+        if bias is not None:
+            module.bias = nn.Parameter(bias)
+        order = module.__dict__.pop("_kflo_param_order")
+        module._parameters = {k: module._parameters[k] for k in order if k in module._parameters}
+        del module._kflo_padding
+        return module
+
+    def roles(self, module: nn.Module) -> dict[str, ParamRole]:
+        chain: ExpandChain = module.parametrizations.weight[0]
+        return {f"parametrizations.weight.0.{k}": v for k, v in chain.roles().items()}
+
+    def _first_width(self, module: nn.Module, model: nn.Module) -> int:
+        m, groups = module.in_channels, module.groups
+        if self.values.get("stem") == "keep" and is_stem(module, model):
+            return m
+        return chain_width(self.values["rate"], m, groups)
+
+
+@register_recipe
+class ExpandNetCL(ExpandNetRecipe):
+    """ExpandNet-CL: ``k x k`` -> ``1x1 (r*m)``, ``k x k (r*n)``, ``1x1``."""
+
+    name = "expandnet-cl"
+    description = "ExpandNet-CL (Guo et al.): every conv with a kernel larger than 1 -> 1x1 (r*m), k x k (r*n), 1x1"
+    params = {**_common_params(), "stem": _stem_param()}
+
+    def shape_problem(self, module: nn.Module, model: nn.Module) -> str | None:
+        if all(k == 1 for k in module.kernel_size):
+            return "1-tap kernel: CL expands kernels larger than 1 (a 1x1 convolution keeps its receptive field)"
+        return None
+
+    def links(self, module: nn.Module, model: nn.Module) -> tuple[list[int], list[tuple[int, ...]], list[tuple[int, ...]]]:
+        ones = (1,) * len(module.kernel_size)
+        widths = [module.in_channels, self._first_width(module, model),
+                  chain_width(self.values["rate"], module.out_channels, module.groups), module.out_channels]
+        return widths, [ones, tuple(module.kernel_size), ones], [ones, tuple(module.stride), ones]
+
+
+@register_recipe
+class ExpandNetCK(ExpandNetRecipe):
+    """ExpandNet-CK: an odd ``k x k`` kernel with ``k > 3`` -> ``(k - 1) / 2`` chained 3x3 convolutions."""
+
+    name = "expandnet-ck"
+    description = "ExpandNet-CK (Guo et al.): every conv with an odd kernel dimension > 3 -> chained 3x3 convs (r*m, r*n, ...)"
+    params = {**_common_params(), "stem": _stem_param()}
+
+    def shape_problem(self, module: nn.Module, model: nn.Module) -> str | None:
+        kernel = tuple(module.kernel_size)
+        shown = "x".join(map(str, kernel))
+        if max(kernel) <= 3:
+            return f"kernel {shown}: CK expands kernels with a dimension larger than 3 (use expandnet-cl)"
+        even = [k for k in kernel if k % 2 == 0]
+        if even:
+            return f"kernel {shown}: even size {even[0]} cannot be reached by chained 3-tap kernels (use expandnet-cl)"
+        return None
+
+    def links(self, module: nn.Module, model: nn.Module) -> tuple[list[int], list[tuple[int, ...]], list[tuple[int, ...]]]:
+        kernel = tuple(module.kernel_size)
+        count = (max(kernel) - 1) // 2
+        # Along each dimension the first (k_d - 1) / 2 links have 3 taps and the rest 1: per-dimension decomposition.
+        kernels = [tuple(3 if i < (k - 1) // 2 else 1 for k in kernel) for i in range(count)]
+        ones = (1,) * len(kernel)
+        strides = [ones] * (count - 1) + [tuple(module.stride)]
+        inner = chain_width(self.values["rate"], module.out_channels, module.groups)
+        widths = [module.in_channels, self._first_width(module, model)] + [inner] * (count - 2) + [module.out_channels]
+        return widths, kernels, strides
+
+
+def _check_layers(v: int) -> str | None:
+    return None if v >= 2 else "the number of linear layers L must be an integer >= 2"
+
+
+@register_recipe
+class ExpandNetFC(ExpandNetRecipe):
+    """ExpandNet-FC: a Linear layer ``m -> n`` -> ``L`` Linear layers ``m -> r*m -> r*n ... -> n``."""
+
+    name = "expandnet-fc"
+    description = "ExpandNet-FC (Guo et al.): every Linear -> L linear layers m -> r*m -> r*n ... -> n"
+    params = {
+        **_common_params(),
+        "layers": Param(int, 3, "L, the number of linear layers each Linear becomes: an integer >= 2", _check_layers),
+        "classifier": Param(str, "auto", "the model's classifier (logit layer): keep it plain (the official code), "
+                            "expand it, or auto: keep it unless it is the model's only Linear layer",
+                            choices=("auto", "keep", "expand")),
+    }
+    layer_types = (nn.Linear,)
+
+    def shape_problem(self, module: nn.Module, model: nn.Module) -> str | None:
+        choice = self.values["classifier"]
+        if choice == "expand" or module is not logit_layer(model):
+            return None
+        if choice == "auto" and sum(isinstance(m, nn.Linear) for m in model.modules()) == 1:
+            return None
+        return "the classifier (logit layer) stays plain, as in the official code; classifier=expand expands it"
+
+    def links(self, module: nn.Module, model: nn.Module) -> tuple[list[int], list[tuple[int, ...]], list[tuple[int, ...]]]:
+        rate, count = self.values["rate"], self.values["layers"]
+        m, n = module.in_features, module.out_features
+        widths = [m, chain_width(rate, m, 1)] + [chain_width(rate, n, 1)] * (count - 2) + [n]
+        return widths, [()] * count, [()] * count
+
+
+def linear_counterpart_specs(path: Any) -> list[dict[str, Any]]:
+    """The recipes of an expanded checkpoint, as specs for its linear ExpandNet (+Init, second step).
+
+    ``nonlinear`` becomes ``none``, ``mode`` ``kernel`` (the same linear function, usually cheaper) and ``init``
+    ``random`` (the transferred tensors replace the start anyway); each recipe keeps the layers it rewrote.
+    """
+    from ..checkpoint import read_metadata
+
+    meta = read_metadata(path)
+    if meta is None or meta["kind"] != "expanded":
+        raise KfloError(f"{path} is not an expanded kflo checkpoint; --init-from-expanded needs one written by "
+                        "kflo expand or kflo train (for a plain checkpoint use --init-from)")
+    specs = []
+    for index, entry in enumerate(meta["recipes"]):
+        params = dict(entry["params"])
+        if "nonlinear" in params and params["nonlinear"] != "none":
+            params.update(nonlinear="none", mode="kernel", init="random")
+        layers = [layer["name"] for layer in meta["layers"] if int(layer["recipe_index"]) == index]
+        specs.append({"name": entry["name"], **params, "include": layers, "exclude": []})
+    return specs
+
+
+def transfer_factors(model: nn.Module, path: Any) -> int:
+    """+Init: load every tensor of an expanded checkpoint (typically the trained nonlinear counterpart) into
+    ``model``, an expansion of the same architecture with the same recipes, widths and layers.
+
+    Returns:
+        The number of tensors loaded.
+    """
+    from ..checkpoint import load_tensors, read_metadata
+
+    specs = linear_counterpart_specs(path)
+    meta = read_metadata(path)
+    own = getattr(model, "kflo_model_id", None)
+    if own is not None and meta["model_id"] != own:
+        raise KfloError(f"{path} holds {meta['model_id']} but this model is {own}; transfer factors between "
+                        "expansions of the same architecture")
+    tensors = load_tensors(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise KfloError(
+            f"{path} does not fit this expansion ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(wrong)} differently shaped tensors, e.g. '{first}'); expand with the recipes, rate, layers and stem "
+            f"of the run that wrote it ({', '.join(s['name'] for s in specs)}), e.g. by omitting --recipe"
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    return len(tensors)
+
+
+def linear_counterpart(path: Any) -> nn.Module:
+    """The linear ExpandNet of a (nonlinear-counterpart) checkpoint, starting from all of its tensors."""
+    from ..checkpoint import read_metadata
+    from ..models import create_model
+    from ..surgery import expand
+
+    specs = linear_counterpart_specs(path)
+    meta = read_metadata(path)
+    model = create_model(meta["model_id"], **meta.get("model_kwargs", {}))
+    expand(model, specs)
+    transfer_factors(model, path)
+    return model
+
+
+__all__ = [
+    "ExpandNetCK",
+    "ExpandNetCL",
+    "ExpandNetFC",
+    "ExpandNetRecipe",
+    "feature_class",
+    "is_stem",
+    "linear_counterpart",
+    "linear_counterpart_specs",
+    "logit_layer",
+    "original_class",
+    "padding_kind",
+    "transfer_factors",
+]
