@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -170,11 +171,25 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())
-    model.load_state_dict(tensors, strict=True)
+    load_into(model, tensors)
     if meta["kind"] == "plain":
         model.kflo_collapsed_from = meta.get("collapsed_from", [])
     model.kflo_metadata = meta
     return model.to(map_location).eval()
+
+
+def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(tensors, strict=True)`` with the model's own module versions attached.
+
+    ``state_dict()`` carries each module's ``_version`` in a ``_metadata`` attribute that safetensors files do not
+    keep; most modules ignore its absence, but some refuse it (torchvision's MNASNet raises "version should be set
+    to 1 or 2"). The tensors come from the same architecture code, so its current versions are the right ones.
+    """
+    state = OrderedDict(tensors)
+    metadata = getattr(model.state_dict(keep_vars=True), "_metadata", None)
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=True)
 
 
 def load_plain_weights(model: nn.Module, path: str | os.PathLike) -> None:
@@ -184,7 +199,7 @@ def load_plain_weights(model: nn.Module, path: str | os.PathLike) -> None:
         raise KfloError(f"{path} is an expanded kflo checkpoint; collapse it first (kflo collapse) or use it with --resume")
     tensors = load_tensors(path)
     check_tensors_match(model, tensors, path)
-    model.load_state_dict(tensors, strict=True)
+    load_into(model, tensors)
 
 
 __all__ = [
@@ -192,6 +207,7 @@ __all__ = [
     "build_from_metadata",
     "check_tensors_match",
     "load",
+    "load_into",
     "load_plain_weights",
     "load_tensors",
     "model_metadata",

@@ -140,3 +140,21 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
         kflo.save(model, target)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_modules_that_need_their_state_dict_version_load(tmp_path):
+    """torchvision's MNASNet refuses a state dict without module versions, which safetensors files cannot hold;
+    kflo's loaders attach the architecture's own versions (``kflo_cli.checkpoint.load_into``)."""
+    torch.manual_seed(0)
+    model = kflo.expand(kflo.create_model("torchvision:mnasnet0_5", num_classes=3), "kflo", include=["layers.0"])
+    perturb(model, 0.05)
+    move_bn_stats(model, (3, 32, 32))
+    expanded, plain = tmp_path / "e.safetensors", tmp_path / "p.safetensors"
+    kflo.save(model, expanded)
+    fresh = kflo.create_model("torchvision:mnasnet0_5", num_classes=3)
+    with pytest.raises(ValueError, match="version"):  # what a bare load_state_dict of the file does
+        kflo.expand(fresh, "kflo", include=["layers.0"]).load_state_dict(load_file(str(expanded)), strict=True)
+    kflo.save(kflo.collapse(kflo.load(expanded)), plain)
+    again = kflo.load(plain)
+    report = kflo.verify_equivalence(model, again, input_size=(3, 32, 32), trials=1)
+    assert report.passed and report.output_scale > 1e-3, report

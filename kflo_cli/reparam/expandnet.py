@@ -355,7 +355,7 @@ def transfer_factors(model: nn.Module, path: Any) -> int:
     Returns:
         The number of tensors loaded.
     """
-    from ..checkpoint import load_tensors, read_metadata
+    from ..checkpoint import load_into, load_tensors, read_metadata
 
     specs = linear_counterpart_specs(path)
     meta = read_metadata(path)
@@ -375,7 +375,7 @@ def transfer_factors(model: nn.Module, path: Any) -> int:
             f"{len(wrong)} differently shaped tensors, e.g. '{first}'); expand with the recipes, rate, layers and stem "
             f"of the run that wrote it ({', '.join(s['name'] for s in specs)}), e.g. by omitting --recipe"
         )
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    load_into(model, {k: v.to(expected[k].dtype) for k, v in tensors.items()})
     return len(tensors)
 
 

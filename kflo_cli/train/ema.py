@@ -14,6 +14,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..checkpoint import load_into
+
 
 class ModelEma:
     """``ema = decay * ema + (1 - decay) * current`` after every optimizer step.
@@ -42,7 +44,7 @@ class ModelEma:
         return self.module.state_dict()
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(tensors, strict=True)
+        load_into(self.module, tensors)
 
 
 __all__ = ["ModelEma"]
