@@ -138,8 +138,19 @@ def build_from_metadata(meta: dict[str, Any]) -> nn.Module:
     return model
 
 
-def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Raise a clear error if ``tensors`` do not have exactly the model's keys and shapes."""
+#: What a key or shape mismatch means for a file whose own metadata describes the model.
+DAMAGED = "its metadata does not match its tensors ({found}); the file was edited or is damaged, re-create it with kflo expand/collapse"
+#: ... and for a plain file loaded into a model the user created (``--init-from``, a teacher).
+OTHER_ARCHITECTURE = ("it does not fit this model ({found}); it holds another architecture or other arguments, so create the "
+                      "model with the name, --num-classes and --in-chans of the run that wrote it")
+
+
+def check_tensors_match(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                        message: str = DAMAGED) -> None:
+    """Raise a clear error if ``tensors`` do not have exactly the model's keys and shapes.
+
+    ``message`` says what a mismatch means here; ``{found}`` becomes the first mismatching keys of each kind.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -150,10 +161,7 @@ def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor], path
             if keys:
                 more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
                 parts.append(f"{label}: {', '.join(keys[:3])}{more}")
-        raise KfloError(
-            f"{path}: its metadata does not match its tensors ({'; '.join(parts)}); "
-            "the file was edited or is damaged, re-create it with kflo expand/collapse"
-        )
+        raise KfloError(f"{path}: " + message.format(found="; ".join(parts)))
 
 
 def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -198,7 +206,7 @@ def load_plain_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if meta is not None and meta["kind"] == "expanded":
         raise KfloError(f"{path} is an expanded kflo checkpoint; collapse it first (kflo collapse) or use it with --resume")
     tensors = load_tensors(path)
-    check_tensors_match(model, tensors, path)
+    check_tensors_match(model, tensors, path, OTHER_ARCHITECTURE)
     load_into(model, tensors)
 
 

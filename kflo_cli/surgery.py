@@ -143,7 +143,9 @@ def _seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
+    # manual_seed seeds every device, so every CUDA device's state must be restored afterwards too
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 
@@ -244,14 +246,14 @@ def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module
         raise KfloError(problem)
     target = dtype or model_dtype(model)
     plain = copy.deepcopy(model)
-    done: dict[str, tuple[Recipe, list[str]]] = {}
+    done: dict[int, tuple[Recipe, list[str]]] = {}  # by instance: two selections of one recipe stay apart
     for name, module, recipe in list(rewritten_layers(plain)):
         new = recipe.collapse_layer(name, module, plain)
         if hasattr(new, RECIPE_ATTR):
             delattr(new, RECIPE_ATTR)
         if new is not module:
             _set_submodule(plain, name, new)
-        done.setdefault(recipe.name, (recipe, []))[1].append(name)
+        done.setdefault(id(recipe), (recipe, []))[1].append(name)
     for recipe, names in done.values():
         recipe.finalize_collapse(plain, names)
     plain.to(target)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
 from .models import default_input_size
+from .reparam.base import tensors_in
 from .surgery import model_dtype, rewritten_layers
 
 #: Default relative tolerance (of the output scale) by the dtype the checkpoints store. float32 weights carry a
@@ -59,19 +60,8 @@ class EquivalenceReport:
         }
 
 
-def _tensors(out: Any) -> Iterator[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, dict):
-        for v in out.values():
-            yield from _tensors(v)
-    elif isinstance(out, (list, tuple)):
-        for v in out:
-            yield from _tensors(v)
-
-
 def _flat(out: Any) -> torch.Tensor:
-    parts = [t.reshape(-1).double() for t in _tensors(out) if t.is_floating_point()]
+    parts = [t.reshape(-1).double() for t in tensors_in(out) if t.is_floating_point()]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 

@@ -149,6 +149,13 @@ def test_init_from_expanded_is_refused(files, tmp_cwd):
     assert_user_error(r, "collapse it first")
 
 
+def test_init_from_another_architecture_names_the_likely_cause(files, tmp_cwd):
+    _, _, plain = files  # written for 5 classes
+    r = run("expand", "timm:test_resnet", "--num-classes", "7", "--recipe", "kflo", "--init-from", str(plain), "-o", "z.safetensors")
+    assert_user_error(r, "does not fit this model (wrong shape: ")
+    assert "--num-classes" in r.output and not (tmp_cwd / "z.safetensors").exists()
+
+
 def test_debug_shows_traceback(tmp_cwd):
     r = run("--debug", "expand", "resnet181", "--recipe", "kflo", "-o", "x.safetensors")
     assert r.exit_code != 0 and r.exception is not None

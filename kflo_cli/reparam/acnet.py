@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import Counter, defaultdict
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import KfloError
 from . import register_recipe
-from .base import Param, Recipe, weight_space_problem
+from .base import Param, Recipe, tensors_in, weight_space_problem
 
 NOT_CONSUMED = "its output is not consumed by a BatchNorm alone"
 
@@ -84,16 +84,6 @@ class Consumer(NamedTuple):
     reason: str = ""
 
 
-def _tensors(out: Any) -> Iterator[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, dict):
-        for v in out.values():
-            yield from _tensors(v)
-    elif isinstance(out, (list, tuple)):
-        for v in out:
-            yield from _tensors(v)
-
 
 def _consumers_by_autograd(model: nn.Module, names: list[str], input_size: tuple[int, ...]) -> dict[str, Consumer]:
     """Run one eval-mode forward and read the autograd graph.
@@ -125,7 +115,7 @@ def _consumers_by_autograd(model: nn.Module, names: list[str], input_size: tuple
             h.remove()
         model.train(was_training)
     uses: Counter = Counter()
-    stack = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None]
     uses.update(stack)
     seen = set()
     while stack:

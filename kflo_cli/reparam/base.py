@@ -30,6 +30,29 @@ FILTER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def tensors_in(out: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a model's output: a tensor, or dicts, lists and tuples of them (nested)."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, dict):
+        for v in out.values():
+            yield from tensors_in(v)
+    elif isinstance(out, (list, tuple)):
+        for v in out:
+            yield from tensors_in(v)
+
+
+def weight_decay_penalty(module: nn.Module, weight_decay: float) -> torch.Tensor | None:
+    """``weight_decay / 2 * ||W||^2`` on a layer's composed (effective) weight, or ``None`` when the decay is 0.
+
+    The 1/2 makes its gradient ``weight_decay * W``, exactly what SGD's ``weight_decay`` does to a plain weight.
+    Recipes whose rules decay the effective weight return it from :meth:`Recipe.penalty`.
+    """
+    if weight_decay == 0:
+        return None
+    return 0.5 * weight_decay * module.weight.pow(2).sum()
+
+
 _REBUILDING: ContextVar[bool] = ContextVar("kflo_rebuilding", default=False)
 
 

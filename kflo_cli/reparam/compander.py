@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..errors import KfloError
 from . import register_recipe
-from .base import RECIPE_ATTR, Param, ParamRole, WeightRecipe, is_rebuilding, weight_space_problem
+from .base import Param, ParamRole, RECIPE_ATTR, WeightRecipe, is_rebuilding, weight_decay_penalty, weight_space_problem
 
 #: A weight is representable when Psi keeps at least this fraction of its slope at 0 there. Closer to the
 #: bound of f (arctan's pi/2, erf's 1), v = Psi^-1(w) explodes and gradient steps on it shrink by more than
@@ -187,9 +187,9 @@ class WeightCompander(WeightRecipe):
 
     def penalty(self, module: nn.Module, weight_decay: float) -> torch.Tensor | None:
         """With fixed a, b: ``weight_decay / 2 * ||Psi(v)||^2`` (decay on the weight, as SGD would apply it)."""
-        if weight_decay == 0 or self.values["learnable"] != "none":
+        if self.values["learnable"] != "none":
             return None
-        return 0.5 * weight_decay * module.weight.pow(2).sum()
+        return weight_decay_penalty(module, weight_decay)
 
     def step_scales(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """``Psi'(v)`` for ``v``: the factor of the paper's modified adaptive step (see docs/recipes.md)."""

@@ -355,7 +355,7 @@ def transfer_factors(model: nn.Module, path: Any) -> int:
     Returns:
         The number of tensors loaded.
     """
-    from ..checkpoint import load_into, load_tensors, read_metadata
+    from ..checkpoint import check_tensors_match, load_into, load_tensors, read_metadata
 
     specs = linear_counterpart_specs(path)
     meta = read_metadata(path)
@@ -364,17 +364,10 @@ def transfer_factors(model: nn.Module, path: Any) -> int:
         raise KfloError(f"{path} holds {meta['model_id']} but this model is {own}; transfer factors between "
                         "expansions of the same architecture")
     tensors = load_tensors(path)
+    check_tensors_match(model, tensors, path, (
+        "it does not fit this expansion ({found}); expand with the recipes, rate, layers and stem of the run that "
+        f"wrote it ({', '.join(s['name'] for s in specs)}), e.g. by omitting --recipe"))
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        first = (missing or unexpected or wrong)[0]
-        raise KfloError(
-            f"{path} does not fit this expansion ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(wrong)} differently shaped tensors, e.g. '{first}'); expand with the recipes, rate, layers and stem "
-            f"of the run that wrote it ({', '.join(s['name'] for s in specs)}), e.g. by omitting --recipe"
-        )
     load_into(model, {k: v.to(expected[k].dtype) for k, v in tensors.items()})
     return len(tensors)
 

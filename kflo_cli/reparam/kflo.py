@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import KfloError
-from .base import Param, ParamRole, WeightRecipe, round_half_up
+from .base import Param, ParamRole, WeightRecipe, is_rebuilding, round_half_up, weight_decay_penalty
 from . import register_recipe
 
 #: Weight decay the paper puts on the cascade W_2..W_B.
@@ -74,12 +74,16 @@ class KfloParametrization(nn.Module):
             self.w1[:fan].copy_(torch.eye(fan, dtype=w.dtype, device=w.device))
             last.zero_()
             last[:, :fan].copy_(w)
+        elif is_rebuilding():  # a checkpoint's tensors replace the factors next: skip the SVD
+            self.exact_start = False
         else:
             u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
             root = s[:rows].sqrt()
             self.w1.copy_((root[:, None] * vh[:rows]).to(w.dtype))
             last.copy_((u[:, :rows] * root[None, :]).to(w.dtype))
-            self.exact_start = bool(torch.linalg.matrix_rank(w.double()) <= rows)
+            # exact iff the discarded singular values vanish (matrix_rank's default tolerance, without a second SVD)
+            tol = s.max() * max(w.shape) * torch.finfo(torch.float64).eps
+            self.exact_start = bool((s[rows:] <= tol).all())
         return ()
 
     def roles(self) -> dict[str, ParamRole]:
@@ -117,9 +121,7 @@ class Kflo(WeightRecipe):
         The 1/2 makes its gradient ``weight_decay * W'``, exactly what SGD's ``weight_decay`` does to a
         plain weight (the public code omits it and so decays twice as hard; see docs/kflo.md).
         """
-        if weight_decay == 0:
-            return None
-        return 0.5 * weight_decay * module.weight.pow(2).sum()
+        return weight_decay_penalty(module, weight_decay)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import register_recipe
-from .base import Param, ParamRole, WeightRecipe
+from .base import Param, ParamRole, WeightRecipe, weight_decay_penalty
 
 
 class PowerpropParametrization(nn.Module):
@@ -63,9 +63,7 @@ class Powerprop(WeightRecipe):
 
     def penalty(self, module: nn.Module, weight_decay: float) -> torch.Tensor | None:
         """``weight_decay / 2 * ||w||^2`` on the effective weight (not on v)."""
-        if weight_decay == 0:
-            return None
-        return 0.5 * weight_decay * module.weight.pow(2).sum()
+        return weight_decay_penalty(module, weight_decay)
 
     def step_scales(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """``alpha |v|^(alpha-1)`` for ``v``: Powerpropagation's modified adaptive step (see docs/recipes.md)."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import register_recipe
-from .base import ParamRole, WeightRecipe
+from .base import ParamRole, WeightRecipe, weight_decay_penalty
 
 
 class WeightNormParametrization(nn.Module):
@@ -61,9 +61,7 @@ class WeightNorm(WeightRecipe):
 
     def penalty(self, module: nn.Module, weight_decay: float) -> torch.Tensor | None:
         """``weight_decay / 2 * ||w||^2`` on the effective weight, i.e. ``weight_decay / 2 * ||g||^2``."""
-        if weight_decay == 0:
-            return None
-        return 0.5 * weight_decay * module.weight.pow(2).sum()
+        return weight_decay_penalty(module, weight_decay)
 
 
 __all__ = ["WeightNorm", "WeightNormParametrization"]

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..errors import KfloError
 from ..reparam import ParamRole
+from ..reparam.base import weight_decay_penalty
 from ..roles import decay_penalty, param_roles, step_scales
 from ..surgery import rewritten_layers
 from .config import ADAPTIVE_OPTIMIZERS, TrainConfig
@@ -114,7 +115,7 @@ def total_penalty(model: nn.Module, config: TrainConfig, composed: list[tuple[st
     total = decay_penalty(model, wd)
     if wd:
         for _, module in composed:
-            total = total + 0.5 * wd * module.weight.pow(2).sum()
+            total = total + weight_decay_penalty(module, wd)
     return total
 
 
