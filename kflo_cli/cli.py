@@ -163,7 +163,10 @@ def expand(
     if init_from:
         load_plain_weights(net, init_from[0])
     before = sum(p.numel() for p in net.parameters())
-    do_expand(net, selections, include=include or [], exclude=exclude or [], seed=seed)
+    with warnings.catch_warnings():
+        if init_from_expanded is not None:  # the transferred tensors replace whatever start the recipe chose
+            warnings.filterwarnings("ignore", message=".*function-preserving factorisation")
+        do_expand(net, selections, include=include or [], exclude=exclude or [], seed=seed)
     if init_from_expanded is not None:
         from .reparam.expandnet import transfer_factors
 

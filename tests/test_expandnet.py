@@ -380,7 +380,7 @@ def test_plus_init_transfers_the_nonlinear_factors_to_the_linear_expandnet(tmp_p
     r = runner.invoke(app, ["expand", "smallnet_k7", "--recipe", "expandnet-ck:mode=feature", "--recipe", "expandnet-fc",
                             "--init-from-expanded", str(nonlinear), "-o", str(linear)])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["expand", "smallnet_k7", "--recipe", "expandnet-ck:rate=2", "--recipe", "expandnet-fc",
+    r = runner.invoke(app, ["expand", "smallnet_k7", "--recipe", "expandnet-ck:rate=2,init=random", "--recipe", "expandnet-fc",
                             "--init-from-expanded", str(nonlinear), "-o", str(linear)])
     assert r.exit_code == 2 and "does not fit this expansion" in r.output
     assert kflo.is_expanded(kflo.reparam.expandnet.linear_counterpart(nonlinear))
