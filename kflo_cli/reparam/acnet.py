@@ -25,33 +25,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import KfloError
 from . import register_recipe
-from .base import Param, Recipe, tensors_in, weight_space_problem
+from .base import Param, Recipe, padding_kind, tensors_in, weight_space_problem
 
 NOT_CONSUMED = "its output is not consumed by a BatchNorm alone"
 
 #: Branch BatchNorm weights (gamma) of the k x k, 1 x k and k x 1 branches for each ``bn_init``.
 BN_INITS = {"standard": (1.0, 1.0, 1.0), "third": (1 / 3, 1 / 3, 1 / 3), "single": (1.0, 0.0, 0.0)}
-
-
-def _same_conv_class() -> type | None:
-    """timm's ``Conv2dSame`` (TensorFlow "SAME" padding computed from the input size), if timm is installed."""
-    try:
-        from timm.layers import Conv2dSame
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    return Conv2dSame
-
-
-def conv_padding_kind(conv: nn.Conv2d) -> str | None:
-    """``"static"`` for convolutions that run ``nn.Conv2d``'s own forward, ``"tf-same"`` for timm's
-    ``Conv2dSame``, ``None`` for any other subclass (its forward may do anything with the weight)."""
-    same = _same_conv_class()
-    if same is not None and type(conv) is same:
-        return "tf-same"
-    cls = type(conv)
-    if cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward:
-        return "static"
-    return None
 
 
 def tf_same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
@@ -221,7 +200,7 @@ class ACBlock(nn.Module):
                     bn.weight.fill_(gamma)
         #: name of the BatchNorm that receives the folded bias when ``square`` has no bias slot.
         self.consumer = consumer
-        self.tf_same = conv_padding_kind(square) == "tf-same"
+        self.tf_same = padding_kind(square) == "tf-same"
         self.train(square.training)  # new BatchNorms must not run in train mode inside an eval-mode model
 
     @staticmethod
@@ -326,7 +305,7 @@ class ACNet(Recipe):
             return "1x1 kernel: no asymmetric branches"
         if kh % 2 == 0:
             return f"{kh}x{kh} kernel has no centre row and column (even size)"
-        if conv_padding_kind(module) is None:
+        if padding_kind(module) is None:
             return f"{type(module).__name__} has its own forward; ACNet handles nn.Conv2d and timm's Conv2dSame"
         return None
 
@@ -365,4 +344,4 @@ class ACNet(Recipe):
         return conv
 
 
-__all__ = ["ACBlock", "ACNet", "BN_INITS", "Consumer", "conv_padding_kind", "find_bn_consumers", "tf_same_pads"]
+__all__ = ["ACBlock", "ACNet", "BN_INITS", "Consumer", "find_bn_consumers", "tf_same_pads"]

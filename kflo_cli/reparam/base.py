@@ -53,6 +53,29 @@ def weight_decay_penalty(module: nn.Module, weight_decay: float) -> torch.Tensor
     return 0.5 * weight_decay * module.weight.pow(2).sum()
 
 
+def _timm_class(name: str) -> type | None:
+    try:
+        import timm.layers as layers
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    return getattr(layers, name, None)
+
+
+def padding_kind(module: nn.Module) -> str | None:
+    """How a filtering layer pads its input, for recipes that run convolutions of their own in its place:
+    ``"static"`` (``nn.ConvNd``'s own rules), ``"tf-same"`` (timm's ``Conv2dSame``), ``"linear"``, or ``None`` for a
+    subclass whose forward may do anything with its weight (e.g. timm's ``StdConv2d`` standardises it)."""
+    cls = type(module)
+    if isinstance(module, nn.Linear):
+        return "linear" if cls.forward is nn.Linear.forward or cls is _timm_class("Linear") else None
+    if cls is _timm_class("Conv2dSame"):
+        return "tf-same"
+    base = next(b for b in CONV_TYPES if isinstance(module, b))
+    if cls.forward is base.forward and cls._conv_forward is base._conv_forward:
+        return "static"
+    return None
+
+
 _REBUILDING: ContextVar[bool] = ContextVar("kflo_rebuilding", default=False)
 
 

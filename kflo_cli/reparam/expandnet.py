@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import KfloError
 from . import register_recipe
-from .base import CONV_TYPES, Param, ParamRole, Recipe, is_rebuilding, weight_space_problem
+from .base import CONV_TYPES, Param, ParamRole, Recipe, is_rebuilding, padding_kind, weight_space_problem
 from .expandnet_chain import ACTIVATIONS, ComposedBias, ExpandChain, chain_width
 
 MODES = ("kernel", "feature")
@@ -56,29 +56,6 @@ def _stem_param() -> Param:
     return Param(str, "keep", "keep: the first width of an RGB stem (the model's first convolution, 3 input "
                  "channels) stays m, as in the official code and the paper's tables; expand: r*m everywhere "
                  "(the paper's formula)", choices=("keep", "expand"))
-
-
-def _timm_class(name: str) -> type | None:
-    try:
-        import timm.layers as layers
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    return getattr(layers, name, None)
-
-
-def padding_kind(module: nn.Module) -> str | None:
-    """How :func:`feature_forward` pads the input of ``module``'s chain: ``"static"`` (``nn.ConvNd``'s own rules),
-    ``"tf-same"`` (timm's ``Conv2dSame``), ``"linear"``, or ``None`` for a subclass whose forward may do anything
-    with its weight (e.g. timm's ``StdConv2d`` standardises it), which only ``mode=kernel`` supports."""
-    cls = type(module)
-    if isinstance(module, nn.Linear):
-        return "linear" if cls.forward is nn.Linear.forward or cls is _timm_class("Linear") else None
-    if cls is _timm_class("Conv2dSame"):
-        return "tf-same"
-    base = next(b for b in CONV_TYPES if isinstance(module, b))
-    if cls.forward is base.forward and cls._conv_forward is base._conv_forward:
-        return "static"
-    return None
 
 
 def feature_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
