@@ -387,9 +387,17 @@ def quickstart(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Expand LeNet-5 with KFLO 2x4, train it and a vanilla baseline on the bundled digits, collapse, verify."""
+    from .train import EXIT_INTERRUPTED, TrainingInterrupted
     from .train.quickstart import quickstart as run_quickstart
 
-    run_quickstart(output, epochs=epochs, seed=seed)
+    try:
+        run_quickstart(output, epochs=epochs, seed=seed)
+    except TrainingInterrupted as exc:
+        kept = (f"the interrupted run is kept (kflo train --resume {exc.run_dir} continues it); " if output is not None
+                else "")
+        print(f"interrupted: {exc.reason}; the quickstart stopped, {kept}run kflo quickstart again to start over",
+              file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _one_line_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,

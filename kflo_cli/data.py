@@ -298,6 +298,9 @@ def build_data(name: str, *, data_dir: str | None = None, download: bool = False
         if loaded.val is not None:
             raise KfloError(f"{loaded.source_dir} has its own val/ folder used as validation data; drop --val-split")
         kept, held = stratified_split(labels, val_split, _rng(seed, 1))
+        if len(held) == 0:
+            raise KfloError(f"--val-split {val_split} holds out no image (it rounds to 0 of every class); raise it "
+                            "or drop it to evaluate on the test set")
         val = ImageSet(loaded.train, held, labels[held], augment=None)
     elif loaded.val is not None:
         val = ImageSet(loaded.val[0], np.arange(len(loaded.val[1])), loaded.val[1], augment=None)

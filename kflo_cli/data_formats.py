@@ -129,8 +129,9 @@ def read_idx_split(folder: Path, split: str, num_classes: int, fix: str) -> tupl
         raise KfloError(f"{images_path} holds {images.dtype} data of shape {images.shape}, not N x H x W bytes; {fix}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise KfloError(f"{labels_path} holds {labels.shape} labels for {len(images)} images in {images_path.name}; {fix}")
-    if len(labels) and int(labels.max()) >= num_classes:
-        raise KfloError(f"{labels_path} has label {int(labels.max())}, outside 0..{num_classes - 1}; {fix}")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+        raise KfloError(f"{labels_path} has label {bad}, outside 0..{num_classes - 1}; {fix}")
     return images[:, None], labels.astype(np.int64)
 
 

@@ -158,3 +158,17 @@ def test_modules_that_need_their_state_dict_version_load(tmp_path):
     again = kflo.load(plain)
     report = kflo.verify_equivalence(model, again, input_size=(3, 32, 32), trials=1)
     assert report.passed and report.output_scale > 1e-3, report
+
+
+def test_written_files_get_the_mode_a_plain_open_would_give(tmp_path):
+    import os
+
+    from kflo_cli._atomic import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+        kflo.save(kflo.create_model("lenet5"), tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert [oct((tmp_path / n).stat().st_mode & 0o777) for n in ("a.json", "b.safetensors")] == ["0o644", "0o644"]

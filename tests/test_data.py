@@ -243,6 +243,20 @@ def test_idx_label_count_mismatch_is_refused(tmp_path):
         build_data("mnist", data_dir=str(tmp_path))
 
 
+def test_negative_idx_labels_are_refused(tmp_path):
+    write_idx_set(tmp_path)
+    labels = (np.arange(30) % 10).astype(np.int32)
+    labels[4] = -1
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    with pytest.raises(KfloError, match="has label -1, outside 0..9"):
+        build_data("mnist", data_dir=str(tmp_path))
+
+
+def test_a_val_split_that_holds_out_nothing_is_refused():
+    with pytest.raises(KfloError, match="--val-split 0.001 holds out no image"):
+        build_data("digits", val_split=0.001)
+
+
 def test_parse_idx_reads_other_types_big_endian():
     ints = np.array([[1, -2, 70000]], dtype=np.int32)
     floats = np.array([0.5, -3.25], dtype=np.float32)

@@ -74,6 +74,41 @@ def test_user_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "--milestones" in r.stderr
 
 
+def test_non_finite_values_and_bad_recipe_file_values_are_named(tmp_path):
+    for flag, value in (("--warmup-epochs", "inf"), ("--gamma", "nan"), ("--kd-temperature", "inf")):
+        r = runner.invoke(app, ["train", "lenet5", flag, value, "-o", str(tmp_path / "r")])
+        assert r.exit_code == 2 and r.stderr == f"error: {flag} {value} is not a finite number; give a finite value\n"
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('[[recipe]]\nname = "kflo"\n\n[train]\nepochs = 0\n')
+    r = runner.invoke(app, ["train", "lenet5", "--recipe-file", str(recipe), "-o", str(tmp_path / "r")])
+    assert r.exit_code == 2 and f"{recipe} [train]: epochs = 0 is invalid" in r.stderr and "--epochs" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_teacher_name_that_contradicts_its_checkpoint_is_refused(tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    r = runner.invoke(app, ["expand", "lenet5", "--recipe", "kflo", "-o", str(teacher)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "lenet5", "--teacher", "resnet18", "--teacher-checkpoint", str(teacher), *FAST,
+                            "-o", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "--teacher resnet18 does not match" in r.stderr and "timm:lenet5" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_interrupted_quickstart_exits_130_without_a_stale_resume_hint(tmp_path, monkeypatch):
+    import kflo_cli.train.quickstart as qs
+
+    def interrupted(output, **_):
+        raise TrainingInterrupted(tmp_path / "gone" / "vanilla", 0, 3, "received SIGINT")
+
+    monkeypatch.setattr(qs, "quickstart", interrupted)
+    r = runner.invoke(app, ["quickstart"])
+    assert r.exit_code == 130 and "received SIGINT" in r.stderr and "--resume" not in r.stderr
+    assert "run kflo quickstart again" in r.stderr
+    r = runner.invoke(app, ["quickstart", "-o", str(tmp_path / "kept")])
+    assert r.exit_code == 130 and f"kflo train --resume {tmp_path / 'gone' / 'vanilla'}" in r.stderr
+
+
 def test_quickstart_prints_both_accuracies_and_the_verification(tmp_path):
     r = runner.invoke(app, ["quickstart", "--epochs", "3", "-o", str(tmp_path)])
     assert r.exit_code == 0, r.output

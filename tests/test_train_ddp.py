@@ -44,3 +44,30 @@ def test_two_processes_match_one(tmp_path):
     hist_one = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     for r1, r2 in zip(hist_ddp, hist_one):
         assert abs(r1["train_loss"] - r2["train_loss"]) < 1e-4 and abs(r1["test_acc"] - r2["test_acc"]) < 1.0
+
+
+def test_ema_numbers_under_ddp_are_those_of_the_saved_ema(tmp_path):
+    """Each rank's EMA averages its own BatchNorm statistics; rank 0's are saved, so they must be the ones evaluated."""
+    import torch.nn.functional as F
+
+    import kflo_cli as kflo
+    from kflo_cli.train.config import load_config
+    from kflo_cli.train.source import load_data
+    from kflo_cli.train.state import load_state
+
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kflo_cli",
+           "train", "smallnet_k3", "--recipe", "kflo", "--data", "synthetic", "--epochs", "1", "--batch-size", "32",
+           "--threads", "1", "--ema", "0.5", "--collapse-from", "ema", "-o", str(run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    in_chans, img_size = load_state(run)["info"]["data_args"]
+    data = load_data(load_config(run), in_chans=in_chans, img_size=img_size)
+    x, y = (torch.stack([data.test[i][k] if k == 0 else torch.tensor(data.test[i][k]) for i in range(len(data.test))])
+            for k in (0, 1))
+    with torch.no_grad():
+        ema_loss = F.cross_entropy(kflo.load(run / "ema.safetensors").eval()(x), y).item()
+        plain_acc = (kflo.load(run / "collapsed.safetensors").eval()(x).argmax(1) == y).float().mean().item() * 100
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert abs(row["ema_test_loss"] - ema_loss) < 1e-4 * max(1.0, ema_loss)
+    assert abs(json.loads((run / "summary.json").read_text())["collapsed"]["test_acc"] - plain_acc) < 1e-6

@@ -148,6 +148,17 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp
     assert kflo.is_expanded(kflo.load(tmp_path / "run" / "last.safetensors"))
 
 
+def test_weights_blown_up_by_an_epochs_last_step_are_not_saved(tmp_path):
+    # One step per epoch: the step's loss is finite, the weights it leaves make non-finite outputs.
+    config = cfg(lr=1e38, momentum=0.0, weight_decay=0.0, batch_size=96)
+    with pytest.raises(TrainingDiverged, match="non-finite by the end of epoch 1"):
+        start(config, tmp_path / "run", data=tiny(), **QUIET)
+    state = load_state(tmp_path / "run")
+    assert state["info"]["epoch"] == 0 and state["info"]["history"] == []
+    last = load_file(str(tmp_path / "run" / "last.safetensors"))
+    assert all(v.abs().max() < 1e3 for v in last.values() if v.is_floating_point())
+
+
 def test_a_non_empty_run_dir_needs_resume_or_overwrite(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

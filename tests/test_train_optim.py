@@ -350,3 +350,24 @@ def test_seeded_samples_are_reproducible_and_leave_the_global_rng_alone():
     assert torch.equal(torch.rand(1), expected_next)  # the loop's stream did not move
     assert torch.equal(ds[(1, 4)], a)
     assert not torch.equal(ds[(2, 4)], a) and not torch.equal(ds[(1, 5)] - 1, a)
+
+
+class _BrokenAt3(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        if i == 3:
+            raise KfloError("img/3.png cannot be read as an image; replace or remove it")
+        return torch.zeros(2), 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_data_errors_from_workers_keep_their_one_sentence(workers):
+    from kflo_cli.train.loader import iterate
+
+    loader = torch.utils.data.DataLoader(_BrokenAt3(), batch_size=2, num_workers=workers)
+    with pytest.raises(KfloError) as err:
+        list(iterate(loader))
+    assert str(err.value) == "img/3.png cannot be read as an image; replace or remove it"
+

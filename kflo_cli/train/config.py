@@ -156,6 +156,9 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     if base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):  # no option means anything by inf or nan
+            said = f"--{name.replace('_', '-')} {value}" if where == "command line" else f"{where}: {name} = {value}"
+            raise KfloError(f"{said} is not a finite number; give a finite value")
         return float(value)
     if base == "str":
         if not isinstance(value, str):
@@ -171,6 +174,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                     raise ValueError
                 return [int(v) for v in value]
             if inner == "float":
+                if not all(math.isfinite(float(v)) for v in value):
+                    raise ValueError
                 return [float(v) for v in value]
             return [str(v) for v in value]
         except (TypeError, ValueError):
@@ -194,12 +199,14 @@ def resolve_config(overrides: dict[str, Any], file_defaults: dict[str, Any] | No
     0.1
     """
     values: dict[str, Any] = {}
+    from_file: set[str] = set()
     for key, value in (file_defaults or {}).items():
         name = _normalise_key(key)
         if name not in FIELDS or name in NOT_IN_RECIPE_FILE:
             allowed = ", ".join(n for n in FIELDS if n not in NOT_IN_RECIPE_FILE)
             raise KfloError(f"{file_name}: [train] has no option '{key}'; allowed: {allowed}")
         values[name] = _coerce(name, value, f"{file_name} [train]")
+        from_file.add(name)
     for key, value in overrides.items():
         if value is None:
             continue
@@ -207,8 +214,17 @@ def resolve_config(overrides: dict[str, Any], file_defaults: dict[str, Any] | No
         if name not in FIELDS:
             raise KfloError(f"unknown training option '{key}'")
         values[name] = _coerce(name, value, "command line")
+        from_file.discard(name)
     config = TrainConfig(**values)
-    config.validate()
+    try:
+        config.validate()
+    except KfloError as exc:  # name the file when the bad value came from it, not from a flag
+        for name in from_file:
+            flag = "--" + name.replace("_", "-")
+            if str(exc).startswith(flag + " "):
+                raise KfloError(f"{file_name} [train]: {name} = {values[name]!r} is invalid ({exc}); fix the file "
+                                f"or override it with {flag}") from None
+        raise
     return config
 
 

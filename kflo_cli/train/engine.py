@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from . import report
 from .config import CONFIG_FILE, TrainConfig, check_resume_overrides, load_config
 from .distributed import DistContext, setup, wrap
 from .ema import ModelEma
-from .loader import epoch_batches, eval_loader, iterate, steps_per_epoch, stream_seed, train_loader
+from .loader import epoch_batches, eval_loader, iterate, per_rank_batch, steps_per_epoch, stream_seed, train_loader
 from .optim import (
     ModifiedAdaptiveStep,
     Schedule,
@@ -153,6 +154,7 @@ class Run:
         self.autocast, self.scaler = self._amp()
         self.num_train = len(self.data.train)
         self.steps_per_epoch = steps_per_epoch(self.num_train, config.batch_size)
+        per_rank_batch(config.batch_size, ctx.world_size)  # refuse a bad split before anything is written
         self.schedule = Schedule.from_config(config, self.steps_per_epoch)
         self.net = wrap(self.model, ctx)
         self.stop = stop
@@ -279,11 +281,7 @@ class Run:
         self.ctx.all_reduce_sum(stats)
         if stats[3] > 0:
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"training diverged: the loss became {total.item()} in epoch {self.epoch + 1} at step {self.global_step + 1}; "
-                f"{self.run_dir} keeps the last good checkpoint (last.safetensors, state at epoch {self.epoch}); "
-                "lower --lr, or add --grad-clip or --warmup-epochs, and start again with --overwrite"
-            )
+            raise self._diverged(f"the loss became {total.item()} in epoch {self.epoch + 1} at step {self.global_step + 1}")
         optimizer_step(total, self.optimizer, self.model.parameters(), scaler=self.scaler, clip_norm=self.config.grad_clip)
         if self.ema is not None:
             self.ema.update(self.model)
@@ -295,6 +293,23 @@ class Run:
         self.sums["penalty"] += float(penalty.detach())
         self.sums["steps"] += 1
         return stats
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"training diverged: {what}; {self.run_dir} keeps the last good checkpoint (last.safetensors and the "
+            "state saved before it); lower --lr, or add --grad-clip or --warmup-epochs, and start again with --overwrite"
+        )
+
+    @torch.no_grad()
+    def _check_finite(self, row: dict[str, Any]) -> None:
+        """Refuse to save an epoch whose weights or evaluation losses are not finite (a step can blow the weights
+        up without a non-finite training loss, e.g. the last step of an epoch)."""
+        bad = [k for k in ("val_loss", "test_loss") if k in row and not math.isfinite(row[k])]
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            bad.insert(0, "the weights")
+        if bad:
+            raise self._diverged(f"{' and '.join(bad)} became non-finite by the end of epoch {self.epoch + 1}")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Any) -> tuple[float, float]:
@@ -318,6 +333,8 @@ class Run:
     def end_epoch(self, seconds: float, images: int) -> dict[str, Any]:
         """Evaluate, record the epoch's metrics, save checkpoints and the state."""
         self.ctx.broadcast_buffers(self.model)
+        if self.ema is not None:  # each rank averaged its own BatchNorm statistics; rank 0's are the ones saved
+            self.ctx.broadcast_buffers(self.ema.module)
         count = max(1.0, self.sums["count"])
         row: dict[str, Any] = {
             "epoch": self.epoch + 1,
@@ -331,6 +348,7 @@ class Run:
         if self.data.val is not None:
             row["val_loss"], row["val_acc"] = self.evaluate(self.model, self.data.val)
         row["test_loss"], row["test_acc"] = self.evaluate(self.model, self.data.test)
+        self._check_finite(row)
         if self.ema is not None:
             if self.data.val is not None:
                 row["ema_val_acc"] = self.evaluate(self.ema.module, self.data.val)[1]

@@ -64,11 +64,17 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return num_samples // batch_size
 
 
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """Each process's share of the global batch; refuses a batch the processes cannot share equally."""
+    if batch_size % world_size:
+        raise KfloError(f"--batch-size {batch_size} (the global batch) must be divisible by the number of processes "
+                        f"({world_size}); pick a multiple of {world_size}")
+    return batch_size // world_size
+
+
 def epoch_batches(num_samples: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[list[tuple[int, int]]]:
     """This rank's share of every global batch of ``epoch``, as ``(epoch, index)`` keys for :class:`SeededSamples`."""
-    if batch_size % world_size:
-        raise KfloError(f"--batch-size {batch_size} (the global batch) must be divisible by the number of processes ({world_size})")
-    per_rank = batch_size // world_size
+    per_rank = per_rank_batch(batch_size, world_size)
     gen = torch.Generator().manual_seed(stream_seed(seed, 0x5EED, epoch))
     order = torch.randperm(num_samples, generator=gen).tolist()
     batches = []
@@ -105,9 +111,28 @@ def eval_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size:
 
 
 def iterate(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(images, labels)`` with labels as a long tensor."""
-    for images, labels in loader:
+    """Yield ``(images, labels)`` with labels as a long tensor.
+
+    A :class:`KfloError` raised in a DataLoader worker arrives wrapped in the worker's whole traceback; it is
+    raised again with its own one-sentence message, as it would be without workers.
+    """
+    batches = iter(loader)
+    while True:
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            return
+        except KfloError as exc:
+            raise KfloError(_worker_message(str(exc))) from None
         yield images, torch.as_tensor(labels, dtype=torch.long)
 
 
-__all__ = ["SeededSamples", "epoch_batches", "eval_loader", "iterate", "steps_per_epoch", "stream_seed", "train_loader"]
+def _worker_message(text: str) -> str:
+    """The original message of an error that a DataLoader worker wrapped (the last line of its traceback)."""
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(f"{KfloError.__name__}: ", 1)[-1]
+
+
+__all__ = ["SeededSamples", "epoch_batches", "eval_loader", "iterate", "per_rank_batch", "steps_per_epoch", "stream_seed", "train_loader"]

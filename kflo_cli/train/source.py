@@ -58,20 +58,34 @@ def recipe_file_train_defaults(refs: list[str]) -> tuple[dict[str, Any], str]:
 
 def load_data(config: TrainConfig, *, in_chans: int | None = None, img_size: int | None = None) -> Any:
     """The data set of the run through :func:`kflo_cli.data.build_data`, seeded with the run's seed."""
+    import torch.distributed as dist
+
     from ..data import build_data
 
-    return build_data(
-        config.data,
-        data_dir=config.data_dir,
-        download=config.download,
-        val_split=config.val_split,
-        train_fraction=config.train_fraction,
-        label_noise=config.label_noise,
-        seed=config.seed,
-        in_chans=in_chans,
-        img_size=img_size,
-        augment=config.augment,
-    )
+    def build(download: bool) -> Any:
+        return build_data(
+            config.data,
+            data_dir=config.data_dir,
+            download=download,
+            val_split=config.val_split,
+            train_fraction=config.train_fraction,
+            label_noise=config.label_noise,
+            seed=config.seed,
+            in_chans=in_chans,
+            img_size=img_size,
+            augment=config.augment,
+        )
+
+    if not (config.download and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return build(config.download)
+    # Under torchrun only rank 0 downloads (one writer per folder); the others read what it fetched.
+    if dist.get_rank() == 0:
+        try:
+            return build(True)
+        finally:
+            dist.barrier()
+    dist.barrier()
+    return build(False)
 
 
 def convert_data(data: Any, in_chans: int | None, img_size: int | None) -> Any:
@@ -224,7 +238,11 @@ def load_teacher(config: TrainConfig, input_size: tuple[int, ...], num_classes: 
     from ..surgery import collapse, is_expanded
 
     path = config.teacher_checkpoint
-    if checkpoint.read_metadata(path) is not None:
+    meta = checkpoint.read_metadata(path)
+    if meta is not None:
+        if config.teacher and resolve_model_id(config.teacher) != meta["model_id"]:
+            raise KfloError(f"--teacher {config.teacher} does not match {path}, which holds {meta['model_id']}; "
+                            "drop --teacher (a kflo checkpoint names its own architecture) or pass the right file")
         teacher = checkpoint.load(path)
         if is_expanded(teacher):
             teacher = collapse(teacher)
