@@ -18,6 +18,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A failure (or an interrupt) leaves no partial file behind and never touches an existing ``path``.
     """
     target = Path(path)
+    if str(path) == "" or target.is_dir():
+        raise KfloError(f"cannot write '{path}': it is a directory; pass a file path such as {target / 'out.safetensors'}")
+    if target.exists() and not target.is_file():
+        raise KfloError(f"cannot write {target}: it exists and is not a regular file (a device, socket or pipe); "
+                        "choose a file path")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise KfloError(f"cannot write {target}: directory {parent} does not exist; create it or choose another -o path")

@@ -29,12 +29,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+#: The dtypes a checkpoint may be written in (``--dtype``).
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def parse_dtype(name: str) -> torch.dtype:
-    """``"float32"`` -> ``torch.float32``; only floating dtypes are accepted."""
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise KfloError(f"unknown dtype '{name}'; use float32, float64, float16 or bfloat16")
-    return dtype
+    """``"float32"`` -> ``torch.float32``; one of :data:`DTYPES`."""
+    if str(name) not in DTYPES:
+        raise KfloError(f"unknown dtype '{name}'; use {', '.join(DTYPES)}")
+    return DTYPES[str(name)]
 
 
 def model_metadata(model: nn.Module) -> dict[str, Any]:
@@ -103,11 +106,40 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise KfloError(f"{p} has corrupt kflo metadata; re-create it with kflo expand/collapse") from None
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
         raise KfloError(f"{p} has metadata that is not kflo's; re-create it with kflo expand/collapse")
     if meta["format_version"] > FORMAT_VERSION:
         raise KfloError(f"{p} uses checkpoint format {meta['format_version']}, newer than this kflo ({FORMAT_VERSION}); upgrade kflo")
+    problem = _structure_problem(meta)
+    if problem:
+        raise KfloError(f"{p} has damaged kflo metadata ({problem}); re-create it with kflo expand/collapse")
     return meta
+
+
+def _structure_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a metadata block, or ``None``."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if meta.get("kind") not in ("expanded", "plain"):
+        return "kind must be 'expanded' or 'plain'"
+    if not isinstance(meta.get("model_id"), str):
+        return "model_id must be a string"
+    if not isinstance(meta.get("model_kwargs", {}), dict):
+        return "model_kwargs must be a table"
+    size = meta.get("input_size")
+    if size is not None and not (isinstance(size, list) and size and all(is_int(v) and v > 0 for v in size)):
+        return "input_size must be a list of positive integers"
+    if meta["kind"] == "plain":
+        return None
+    recipes, layers = meta.get("recipes"), meta.get("layers")
+    if not isinstance(recipes, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                                 and isinstance(r.get("params", {}), dict) for r in recipes):
+        return "recipes must be a list of {name, params} tables"
+    if not isinstance(layers, list) or not all(isinstance(x, dict) and isinstance(x.get("name"), str)
+                                                and is_int(x.get("recipe_index")) for x in layers):
+        return "layers must be a list of {name, recipe_index} tables"
+    return None
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -120,7 +152,12 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def build_from_metadata(meta: dict[str, Any]) -> nn.Module:
     """Rebuild the (expanded or plain) model a metadata block describes, with fresh parameters."""
-    model = create_model(meta["model_id"], **meta.get("model_kwargs", {}))
+    damaged = "the file was edited or is damaged, re-create it with kflo expand/collapse"
+    try:
+        model = create_model(meta["model_id"], **meta.get("model_kwargs", {}))
+    except (TypeError, ValueError) as exc:
+        raise KfloError(f"the checkpoint's model arguments {meta.get('model_kwargs')} do not build {meta['model_id']} "
+                        f"({exc}); {damaged}") from None
     if meta["kind"] == "expanded":
         by_recipe: dict[int, list[str]] = {}
         for layer in meta["layers"]:
@@ -131,6 +168,10 @@ def build_from_metadata(meta: dict[str, Any]) -> nn.Module:
             {"name": entry["name"], **entry["params"], "include": by_recipe[i], "exclude": []}
             for i, entry in enumerate(meta["recipes"])
         ]
+        missing = [x["name"] for x in meta["layers"] if x["name"] not in dict(model.named_modules())]
+        if missing:
+            raise KfloError(f"the checkpoint lists layers that {meta['model_id']} does not have ({', '.join(missing[:3])}); "
+                            f"{damaged}")
         with rebuilding():  # fresh weights are placeholders that the file's tensors replace
             expand(model, specs)
         model.kflo_recipes = list(meta["recipes"])
@@ -204,7 +245,7 @@ def load_plain_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a plain checkpoint of ``model``'s architecture into it, strictly (``--init-from``)."""
     meta = read_metadata(path)
     if meta is not None and meta["kind"] == "expanded":
-        raise KfloError(f"{path} is an expanded kflo checkpoint; collapse it first (kflo collapse) or use it with --resume")
+        raise KfloError(f"{path} is an expanded kflo checkpoint; collapse it first (kflo collapse) to start from its function, or keep training it with kflo train FILE")
     tensors = load_tensors(path)
     check_tensors_match(model, tensors, path, OTHER_ARCHITECTURE)
     load_into(model, tensors)

@@ -54,12 +54,29 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             if _STATE["debug"]:
                 raise
             fail(str(exc), 2)
+        except (MemoryError, RuntimeError) as exc:
+            if _STATE["debug"]:
+                raise
+            if not _out_of_memory(exc):
+                fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            fail(f"out of memory ({first}); choose a smaller model, recipe width/rate, batch or input size", 2)
         except Exception as exc:  # noqa: BLE001  (the CLI's last line of defence)
             if _STATE["debug"]:
                 raise
             fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
 
     return wrapper
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (host or device): a request too large for this machine."""
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text.lower()
 
 
 def _version(value: bool) -> None:
@@ -206,10 +223,16 @@ def collapse(
     from .surgery import collapse as do_collapse
 
     meta = read_metadata(expanded)
-    if meta is None or meta["kind"] == "plain":
+    if meta is None:
+        raise KfloError(f"{expanded} has no kflo metadata, so it is not an expanded checkpoint; pass a file written by "
+                        "kflo expand or kflo train")
+    if meta["kind"] == "plain":
         raise KfloError(f"{expanded} is already a plain checkpoint, so there is nothing to collapse; pass an expanded one")
+    if output.resolve() == expanded.resolve():
+        raise KfloError(f"-o {output} would overwrite the expanded checkpoint it collapses; choose another output path")
+    target_dtype = parse_dtype(dtype) if dtype is not None else None
     model = load(expanded)
-    plain = do_collapse(model, dtype=parse_dtype(dtype) if dtype else None)
+    plain = do_collapse(model, dtype=target_dtype)
     reference = create_model(meta["model_id"], **meta.get("model_kwargs", {})).state_dict()
     got = plain.state_dict()
     if set(got) != set(reference) or any(tuple(got[k].shape) != tuple(reference[k].shape) for k in reference):
@@ -233,8 +256,12 @@ def verify_equivalence(
     from .checkpoint import load, read_metadata
     from .verify import verify_equivalence as do_verify
 
-    meta = read_metadata(expanded)
+    meta, other = read_metadata(expanded), read_metadata(collapsed)
     a, b = load(expanded), load(collapsed)
+    built = [(m["model_id"], m.get("model_kwargs", {})) for m in (meta, other)]
+    if built[0] != built[1]:
+        raise KfloError(f"{expanded} holds {built[0][0]} {built[0][1]} but {collapsed} holds {built[1][0]} {built[1][1]}; "
+                        "compare an expanded checkpoint with its own collapse")
     size = _parse_size(input_size) or (tuple(meta["input_size"]) if meta and meta.get("input_size") else None)
     report = do_verify(a, b, input_size=size, batch_size=batch_size, trials=trials, seed=seed, rtol=rtol)
     console.print(
@@ -250,7 +277,7 @@ def verify_equivalence(
     for row in report.layers[:20]:
         table.add_row(row.name, f"{row.max_abs:.3e}", f"{row.rel:.3e}")
     console.print(table)
-    console.print("[red]FAIL[/]: outputs differ beyond the tolerance")
+    console.print(f"[red]FAIL[/]: {report.reason or 'outputs differ beyond the tolerance'}")
     raise typer.Exit(1)
 
 

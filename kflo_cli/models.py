@@ -119,7 +119,9 @@ def _build(source: str, bare: str, kw: dict[str, Any], pretrained: bool) -> nn.M
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """The (C, H, W) input size a model expects: its timm config if present, else (in_chans or 3, 224, 224)."""
+    """The input size (without the batch) a model expects: its timm config if present, else from its first
+    convolution: (C, 224, 224) for Conv2d, (C, 16, 112, 112) for Conv3d (video), (C, 224) for Conv1d, with C the
+    ``in_chans`` it was built with or that convolution's input channels."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     kwargs = getattr(model, "kflo_model_kwargs", {}) or {}
@@ -128,4 +130,10 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
         if "in_chans" in kwargs:
             size = (int(kwargs["in_chans"]),) + size[1:]
         return size
-    return (int(kwargs.get("in_chans", 3)), 224, 224)
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    chans = int(kwargs.get("in_chans", first.in_channels if first is not None else 3))
+    if isinstance(first, nn.Conv3d):  # video models (torchvision's r3d_18, ...): 16 frames of 112 x 112
+        return (chans, 16, 112, 112)
+    if isinstance(first, nn.Conv1d):
+        return (chans, 224)
+    return (chans, 224, 224)

@@ -84,6 +84,10 @@ def load_recipe_file(ref: str) -> RecipeFile:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise KfloError(f"recipe file {path} is not valid TOML ({exc}); fix its syntax") from None
+    unknown = sorted(set(data) - {"description", "recipe", "train"})
+    if unknown:
+        raise KfloError(f"recipe file {path}: unknown top-level key(s) {', '.join(unknown)}; allowed: description, "
+                        "[[recipe]] tables and a [train] table")
     recipes = data.get("recipe", [])
     if isinstance(recipes, dict):
         recipes = [recipes]

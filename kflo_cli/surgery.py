@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -37,12 +38,41 @@ def as_selections(recipes: Any) -> list[Selection]:
         if isinstance(item, Selection):
             out.append(item)
         elif isinstance(item, dict):
-            out.append(Selection(create_recipe(item), list(item.get("include", [])), list(item.get("exclude", []))))
+            name = item.get("name", "?")
+            out.append(Selection(create_recipe(item), _globs(item.get("include"), f"{name}: include"),
+                                 _globs(item.get("exclude"), f"{name}: exclude")))
         else:
             out.append(Selection(create_recipe(item)))
     if not out:
         raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] or --recipe-file FILE")
     return out
+
+
+def _globs(value: Any, what: str) -> list[str]:
+    """A recipe's include/exclude: a list of fnmatch globs (one glob alone is taken as a list of one)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise KfloError(f"{what} = {value!r} is not a list of module-name globs; write e.g. [\"layer1.*\", \"fc\"]")
+
+
+def _check_globs(model: nn.Module, include: Sequence[str], exclude: Sequence[str], selections: list[Selection]) -> None:
+    """An include glob that names no module at all is a typo: refuse it. An exclude glob that names nothing only
+    warns (a recipe file written for a family of models may exclude what one of them lacks)."""
+    names = [n for n, _ in model.named_modules() if n]
+    sources = [("--include", include, "--exclude", exclude)]
+    sources += [(f"{s.recipe.name}'s include", s.include, f"{s.recipe.name}'s exclude", s.exclude) for s in selections]
+    for inc_label, inc, exc_label, exc in sources:
+        for glob in inc:
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                raise KfloError(f"{inc_label} '{glob}' matches no module of this model (e.g. {', '.join(names[:3])}); "
+                                "fix the glob (`kflo expand MODEL --recipe ... --dry-run` lists the layers)")
+        for glob in exc:
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                warnings.warn(f"{exc_label} '{glob}' matches no module of this model, so it excludes nothing")
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -79,6 +109,8 @@ def plan(
         :func:`expand`.
     """
     selections = as_selections(recipes)
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
+    _check_globs(model, include, exclude, selections)
     shared = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     rows: dict[str, LayerPlan] = {}
     claimed: dict[str, str] = {}
@@ -178,6 +210,7 @@ def expand(
     if getattr(model, "kflo_recipes", None):
         raise KfloError("this model is already expanded; collapse it first or expand the original model")
     selections = as_selections(recipes)
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     rows = plan(model, selections, include=include, exclude=exclude)
     with _seeded(seed):
         for row in rows:

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from .errors import KfloError
 from .models import default_input_size
 from .reparam.base import tensors_in
 from .surgery import model_dtype, rewritten_layers
@@ -42,6 +43,8 @@ class EquivalenceReport:
     trials: int
     input_size: tuple[int, ...]
     layers: list[LayerError] = field(default_factory=list)
+    #: Why it failed when the errors alone do not say (outputs of other shapes, non-finite outputs); else "".
+    reason: str = ""
 
     @property
     def errors(self) -> dict[str, float]:
@@ -57,6 +60,7 @@ class EquivalenceReport:
             "trials": self.trials,
             "input_size": list(self.input_size),
             "layers": [vars(layer) for layer in self.layers],
+            "reason": self.reason,
         }
 
 
@@ -108,9 +112,14 @@ def verify_equivalence(
     for _ in range(trials):
         x = torch.randn((batch_size, *size), generator=gen, dtype=torch.float64).to(device)
         inputs.append(x)
-        ya, yb = _flat(a(x)), _flat(b(x))
+        ya, yb = _flat(_run(a, x, size)), _flat(_run(b, x, size))
         if ya.shape != yb.shape:
-            return EquivalenceReport(False, float("inf"), float("inf"), 0.0, tol, trials, size)
+            return EquivalenceReport(False, float("inf"), float("inf"), 0.0, tol, trials, size, reason=(
+                f"the models' outputs differ in size ({ya.numel()} vs {yb.numel()} values): they are not the same architecture"))
+        for label, y in (("expanded", ya), ("collapsed", yb)):
+            if not torch.isfinite(y).all():
+                return EquivalenceReport(False, float("nan"), float("nan"), 0.0, tol, trials, size, reason=(
+                    f"the {label} model's outputs contain NaN or inf, so nothing can be compared (diverged training?)"))
         max_abs = max(max_abs, (ya - yb).abs().max().item() if ya.numel() else 0.0)
         scale = max(scale, ya.abs().max().item() if ya.numel() else 0.0)
     rel = max_abs / scale if scale > 0 else max_abs
@@ -119,6 +128,18 @@ def verify_equivalence(
     if not passed:
         report.layers = _layer_errors(a, b, inputs[0])
     return report
+
+
+def _run(model: nn.Module, x: torch.Tensor, size: tuple[int, ...]) -> Any:
+    """``model(x)``, with a clear error when the model cannot take inputs of this size."""
+    try:
+        return model(x)
+    except RuntimeError as exc:
+        if "memory" in str(exc).lower():
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KfloError(f"the model does not take inputs of size {size} ({first}); pass --input-size with the size it "
+                        "expects: C,H,W for images, C,T,H,W for video, C,L for sequences") from None
 
 
 def _layer_errors(a: nn.Module, b: nn.Module, x: torch.Tensor) -> list[LayerError]:

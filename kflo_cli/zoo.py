@@ -148,6 +148,8 @@ def _flat_features(name: str, make_features: Callable[[], nn.Module], in_chans: 
     Raises:
         ValueError: If the image is too small for the trunk's kernels and pools.
     """
+    if in_chans < 1:
+        raise ValueError(f"{name}: in_chans={in_chans} must be at least 1")
     try:
         with torch.device("meta"):
             return make_features().eval()(torch.empty(1, in_chans, *size)).numel()

@@ -117,7 +117,11 @@ def test_recipes_and_inspect(files):
     (["expand", "lenet5", "--recipe", "nope", "-o", "x.safetensors"], "unknown recipe 'nope'"),
     (["expand", "lenet5", "--recipe", "kflo:depth=1", "-o", "x.safetensors"], "B must be an integer >= 2"),
     (["expand", "lenet5", "--recipe", "kflo:bogus=1", "-o", "x.safetensors"], "has no parameter bogus"),
-    (["expand", "lenet5", "--recipe", "kflo", "--include", "nothing*", "-o", "x.safetensors"], "matches no layer"),
+    (["expand", "lenet5", "--recipe", "kflo", "--include", "nothing*", "-o", "x.safetensors"], "--include 'nothing*' matches no module"),
+    (["expand", "lenet5", "--recipe", "expandnet-fc", "--include", "features.0", "-o", "x.safetensors"], "recipe 'expandnet-fc' matches no layer"),
+    (["expand", "lenet5", "--recipe", "kflo", "-o", "."], "is a directory; pass a file path"),
+    (["expand", "lenet5", "--recipe", "kflo:depth=99999999999999999999", "-o", "x.safetensors"], "is not a valid int"),
+    (["expand", "lenet5", "--in-chans", "0", "--recipe", "kflo", "-o", "x.safetensors"], "in_chans=0 must be at least 1"),
     (["expand", "lenet5", "--recipe", "kflo", "--recipe", "kflo:width=2", "-o", "x.safetensors"], "claimed by both"),
     (["expand", "lenet5", "-o", "x.safetensors"], "no recipe given"),
     (["expand", "lenet5", "--recipe", "kflo"], "no output file"),
@@ -190,3 +194,125 @@ def test_stacking_pretrained_networks_into_w1(tmp_path):
     assert torch.equal(w1[:120], first.classifier[0].weight) and torch.equal(w1[120:], second.classifier[0].weight)
     r = run("expand", "lenet5", "--recipe", "kflo:width=1.5", "--init-from", str(paths[0]), "--init-from", str(paths[1]), "-o", str(out))
     assert_user_error(r, "use width >= 2")
+
+
+def _with_metadata(src, dst, edit):
+    """A copy of ``src`` whose kflo metadata went through ``edit`` (a damaged or hand-edited file)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        meta = json.loads(f.metadata()["kflo"])
+    new = edit(meta)  # edits in place, or returns a replacement list
+    save_file(load_file(str(src)), str(dst), metadata={"kflo": json.dumps(new if isinstance(new, list) else meta)})
+    return dst
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda m: m.pop("kind") and None, "kind must be 'expanded' or 'plain'"),
+    (lambda m: [m], "metadata that is not kflo's"),
+    (lambda m: m.update(model_kwargs=[1]), "model_kwargs must be a table"),
+    (lambda m: m.update(input_size="abc"), "input_size must be a list of positive integers"),
+    (lambda m: m.pop("layers") and None, "layers must be a list"),
+    (lambda m: m["layers"][0].update(recipe_index="zero"), "layers must be a list"),
+    (lambda m: m["model_kwargs"].update(num_classes="ten"), "do not build timm:test_resnet"),
+    (lambda m: m["layers"][0].update(name="nowhere.conv"), "lists layers that timm:test_resnet does not have"),
+])
+def test_damaged_metadata_is_one_clear_error_everywhere(files, tmp_cwd, edit, fragment):
+    _, exp, plain = files
+    bad = _with_metadata(exp, tmp_cwd / "bad.safetensors", edit)
+    for args in (["collapse", str(bad), "-o", "y.safetensors"], ["inspect", str(bad)],
+                 ["verify-equivalence", str(bad), str(plain)]):
+        r = run(*args)
+        if args[0] == "inspect" and r.exit_code == 0:
+            continue  # inspect only reads what it shows; a field it does not rebuild from may be odd
+        assert_user_error(r, fragment)
+    assert not (tmp_cwd / "y.safetensors").exists()
+
+
+def test_verify_catches_nan_outputs_unrelated_files_and_wrong_input_sizes(files, tmp_path):
+    _, exp, plain = files
+    tensors = load_file(str(exp))
+    tensors["fc.bias"] = torch.full_like(tensors["fc.bias"], float("nan"))
+    from safetensors import safe_open
+
+    with safe_open(str(exp), "pt") as f:
+        meta = f.metadata()
+    nan = tmp_path / "nan.safetensors"
+    save_file(tensors, str(nan), metadata=meta)
+    r = run("verify-equivalence", str(nan), str(plain), "--input-size", "3,32,32")
+    assert r.exit_code == 1 and "FAIL" in r.output and "NaN or inf" in r.output
+    other = tmp_path / "lenet.safetensors"
+    assert run("expand", "lenet5", "--recipe", "kflo", "-o", str(other)).exit_code == 0
+    assert_user_error(run("verify-equivalence", str(other), str(plain)), "compare an expanded checkpoint with its own collapse")
+    assert_user_error(run("verify-equivalence", str(exp), str(plain), "--input-size", "3,32"), "does not take inputs of size (3, 32)")
+
+
+def test_output_paths_that_are_not_plain_files_are_refused(files, tmp_cwd):
+    import os
+
+    _, exp, _ = files
+    os.mkfifo(tmp_cwd / "fifo")
+    assert_user_error(run("expand", "lenet5", "--recipe", "kflo", "-o", "fifo"), "not a regular file")
+    assert (tmp_cwd / "fifo").exists() and not (tmp_cwd / "fifo").is_file()
+    copy = tmp_cwd / "copy.safetensors"
+    copy.write_bytes(exp.read_bytes())
+    assert_user_error(run("collapse", str(copy), "-o", str(copy)), "would overwrite the expanded checkpoint")
+    assert copy.read_bytes() == exp.read_bytes()
+    for dtype in ("float8_e4m3fn", ""):
+        assert_user_error(run("collapse", str(exp), "-o", "y.safetensors", "--dtype", dtype), "unknown dtype")
+    nometa = tmp_cwd / "nometa.safetensors"
+    save_file({"w": torch.zeros(2)}, str(nometa))
+    assert_user_error(run("collapse", str(nometa), "-o", "y.safetensors"), "has no kflo metadata")
+    assert not (tmp_cwd / "y.safetensors").exists()
+
+
+def test_recipe_file_shapes_are_checked(tmp_cwd):
+    def expand_with(text):
+        (tmp_cwd / "r.toml").write_text(text)
+        return run("expand", "lenet5", "--recipe-file", "r.toml", "--dry-run")
+
+    r = expand_with('[[recipe]]\nname = "kflo"\ninclude = "classifier.*"\n')  # one glob, not its characters
+    assert r.exit_code == 0 and "not matched by kflo's include" in r.output
+    assert_user_error(expand_with('[[recipe]]\nname = "kflo"\ninclude = [1]\n'), "is not a list of module-name globs")
+    assert_user_error(expand_with('[[recipes]]\nname = "kflo"\n'), "unknown top-level key(s) recipes")
+    assert_user_error(expand_with('[[recipe]]\nname = "kflo"\nwidth = true\n'), "width=True is not a valid float")
+
+
+def test_excluding_nothing_warns_and_a_truncating_kflo_width_warns(tmp_cwd):
+    import warnings
+
+    with pytest.warns(UserWarning, match="--exclude 'nothing' matches no module"):
+        assert run("expand", "lenet5", "--recipe", "kflo", "--exclude", "nothing", "--dry-run").exit_code == 0
+    with pytest.warns(UserWarning, match="does not preserve its function"):
+        assert run("expand", "lenet5", "--recipe", "kflo:width=0.5", "-o", "half.safetensors").exit_code == 0
+
+    import kflo_cli as kflo
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading rebuilds the expansion: no warning about a start it replaces
+        kflo.load(tmp_cwd / "half.safetensors")
+
+
+def test_allocation_failures_are_a_user_error_not_a_crash():
+    from kflo_cli.cli import handle_errors
+
+    @handle_errors
+    def too_big():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 600000000000 bytes")
+
+    import typer
+
+    with pytest.raises(typer.Exit) as info:
+        too_big()
+    assert info.value.exit_code == 2
+
+
+def test_default_input_size_follows_the_first_convolution():
+    from kflo_cli.models import default_input_size
+
+    assert default_input_size(torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3))) == (2, 16, 112, 112)
+    assert default_input_size(torch.nn.Sequential(torch.nn.Conv1d(5, 4, 3))) == (5, 224)
+    assert default_input_size(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3))) == (1, 224, 224)
+

@@ -120,6 +120,8 @@ class Param:
     def parse(self, recipe: str, name: str, raw: Any) -> Any:
         """Convert ``raw`` (a string from the CLI or a TOML value) and validate it."""
         try:
+            if isinstance(raw, bool) and self.type is not bool:  # TOML's true is not the number 1
+                raise ValueError(raw)
             if self.type is bool and isinstance(raw, str):
                 low = raw.strip().lower()
                 if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
@@ -136,7 +138,9 @@ class Param:
                 value = int(as_float)
             else:
                 value = self.type(raw)
-        except (TypeError, ValueError):
+            if self.type is int and abs(value) >= 2**31:
+                raise ValueError(raw)
+        except (TypeError, ValueError, OverflowError):
             raise KfloError(
                 f"recipe '{recipe}': parameter {name}={raw!r} is not a valid {self.type.__name__}; {self.help}"
             ) from None
@@ -309,6 +313,8 @@ def weight_space_problem(module: nn.Module) -> str | None:
         return "lazy layer not initialised yet"
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
+    if weight.numel() == 0:
+        return f"its weight {tuple(weight.shape)} is empty"
     return None
 
 

@@ -8,6 +8,7 @@ cascade of pointwise maps (``R x R`` ... ``out x R``). The layer's own forward r
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -114,6 +115,19 @@ class Kflo(WeightRecipe):
 
     def make_parametrization(self, name: str, module: nn.Module) -> nn.Module:
         return KfloParametrization(module.weight.shape, self.values["depth"], self.values["width"])
+
+    def expand_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
+        module = super().expand_layer(name, module, model)
+        param = module.parametrizations.weight[0]
+        if not param.exact_start and not is_rebuilding():
+            out, rows = param.cascade[-1].shape
+            needed = min(out, param.w1.shape[1])
+            warnings.warn(
+                f"kflo: layer '{name}' keeps only a rank-{rows} approximation of its kernel (width={self.values['width']:g} "
+                f"gives R={rows} < min(out, fan-in) = {needed}), so the expansion does not preserve its function; "
+                f"raise width to {needed / out:.3g} or more to preserve it"
+            )
+        return module
 
     def penalty(self, module: nn.Module, weight_decay: float) -> torch.Tensor | None:
         """The paper's vanilla decay on the composed kernel, as ``weight_decay / 2 * ||W'||^2``.
