@@ -115,6 +115,7 @@ def test_recipes_and_inspect(files):
     (["expand", "resnet181", "--recipe", "kflo", "-o", "x.safetensors"], "did you mean: timm:resnet18"),
     (["expand", "foo:resnet18", "--recipe", "kflo", "-o", "x.safetensors"], "unknown model source"),
     (["expand", "lenet5", "--recipe", "nope", "-o", "x.safetensors"], "unknown recipe 'nope'"),
+    (["expand", "lenet5", "--recipe", "KFLO", "-o", "x.safetensors"], "did you mean: kflo"),
     (["expand", "lenet5", "--recipe", "kflo:depth=1", "-o", "x.safetensors"], "B must be an integer >= 2"),
     (["expand", "lenet5", "--recipe", "kflo:bogus=1", "-o", "x.safetensors"], "has no parameter bogus"),
     (["expand", "lenet5", "--recipe", "kflo", "--include", "nothing*", "-o", "x.safetensors"], "--include 'nothing*' matches no module"),

@@ -198,7 +198,9 @@ def get_recipe(name: str) -> type[Recipe]:
         if broken:
             raise KfloError(f"recipe '{name}' comes from a plugin that failed to load ({broken[0]}); "
                             "fix or reinstall that plugin") from None
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+        by_lower = {k.lower(): k for k in _REGISTRY}
+        close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=5, cutoff=0.5)
+        close = [by_lower[c] for c in close]
         hint = f"did you mean: {', '.join(close)}?" if close else f"known recipes: {', '.join(sorted(_REGISTRY))}"
         raise KfloError(f"unknown recipe '{name}'; {hint} (`kflo recipes` lists them)") from None
 
