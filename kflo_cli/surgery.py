@@ -260,6 +260,11 @@ def collapse_problem(model: nn.Module) -> str | None:
     return None
 
 
+def supports_float64(device: torch.device) -> bool:
+    """Whether ``device`` computes in float64 (Apple's MPS does not; kflo then composes on the CPU)."""
+    return device.type != "mps"
+
+
 def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Return a plain copy of an expanded model: the original architecture, with composed weights.
 
@@ -279,6 +284,9 @@ def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module
         raise KfloError(problem)
     target = dtype or model_dtype(model)
     plain = copy.deepcopy(model)
+    home = next((p.device for p in plain.parameters()), torch.device("cpu"))
+    if not supports_float64(home):
+        plain.cpu()  # compose in float64 on the CPU, then move back
     done: dict[int, tuple[Recipe, list[str]]] = {}  # by instance: two selections of one recipe stay apart
     for name, module, recipe in list(rewritten_layers(plain)):
         new = recipe.collapse_layer(name, module, plain)
@@ -289,7 +297,7 @@ def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module
         done.setdefault(id(recipe), (recipe, []))[1].append(name)
     for recipe, names in done.values():
         recipe.finalize_collapse(plain, names)
-    plain.to(target)
+    plain.to(device=home, dtype=target)
     plain.kflo_collapsed_from = list(getattr(model, "kflo_recipes", []))
     for attr in ("kflo_recipes", "kflo_plan", "kflo_selection"):
         if hasattr(plain, attr):
@@ -297,4 +305,4 @@ def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module
     return plain
 
 
-__all__ = ["Selection", "as_selections", "collapse", "collapse_problem", "expand", "is_expanded", "model_dtype", "plan", "rewritten_layers"]
+__all__ = ["Selection", "as_selections", "collapse", "collapse_problem", "expand", "is_expanded", "model_dtype", "plan", "rewritten_layers", "supports_float64"]

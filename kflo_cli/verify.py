@@ -12,7 +12,7 @@ import torch.nn as nn
 from .errors import KfloError
 from .models import default_input_size
 from .reparam.base import tensors_in
-from .surgery import model_dtype, rewritten_layers
+from .surgery import model_dtype, rewritten_layers, supports_float64
 
 #: Default relative tolerance (of the output scale) by the dtype the checkpoints store. float32 weights carry a
 #: relative rounding error of 6e-8 each; through a deep network that grows to ~1e-6, so 1e-5 leaves a margin
@@ -102,10 +102,12 @@ def verify_equivalence(
     """
     tol = default_rtol(expanded, plain) if rtol is None else float(rtol)
     size = tuple(input_size) if input_size else default_input_size(plain)
-    a = copy.deepcopy(expanded).to(torch.float64).eval()
-    b = copy.deepcopy(plain).to(torch.float64).eval()
+    a, b = copy.deepcopy(expanded).eval(), copy.deepcopy(plain).eval()
     device = next((p.device for p in b.parameters()), torch.device("cpu"))
-    a.to(device)
+    if not supports_float64(device):
+        device = torch.device("cpu")  # float64 compute where the device has none
+    a.to(device=device, dtype=torch.float64)
+    b.to(device=device, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     max_abs, scale = 0.0, 0.0
     inputs = []
