@@ -277,16 +277,7 @@ class WeightRecipe(Recipe):
         with torch.no_grad():
             plist.to(torch.float64)
             composed = plist().detach().clone()
-        # Not parametrize.remove_parametrizations: it deletes the property from the parametrized class, which
-        # deep copies of the module share, so it would break the expanded model this plain one was copied from.
-        module.__class__ = parametrize.type_before_parametrizations(module)
-        del module.parametrizations
-        module.weight = nn.Parameter(composed)
-        order = getattr(module, "_kflo_param_order", None)
-        if order is not None:
-            module._parameters = OrderedDict((k, module._parameters[k]) for k in order if k in module._parameters)
-            del module._kflo_param_order
-        return module
+        return restore_plain(module, parametrize.type_before_parametrizations(module), composed)
 
     @staticmethod
     def parametrization(module: nn.Module) -> nn.Module:
@@ -316,6 +307,24 @@ def weight_space_problem(module: nn.Module) -> str | None:
     if weight.numel() == 0:
         return f"its weight {tuple(weight.shape)} is empty"
     return None
+
+
+def restore_plain(module: nn.Module, cls: type, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """Turn a parametrized layer back into a plain ``cls`` with ordinary ``weight`` (and ``bias``) parameters, in
+    the parameter order recorded at expansion (``_kflo_param_order``), so ``state_dict()`` keys keep their order.
+
+    Not ``parametrize.remove_parametrizations``: it deletes the property from the parametrized class, which deep
+    copies of the module share, so it would break the expanded model a collapsed copy was made from.
+    """
+    module.__class__ = cls
+    del module.parametrizations
+    module.weight = nn.Parameter(weight)
+    if bias is not None:
+        module.bias = nn.Parameter(bias)
+    order = module.__dict__.pop("_kflo_param_order", None)
+    if order is not None:
+        module._parameters = OrderedDict((k, module._parameters[k]) for k in order if k in module._parameters)
+    return module
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import KfloError
 from . import register_recipe
-from .base import CONV_TYPES, Param, ParamRole, Recipe, is_rebuilding, padding_kind, weight_space_problem
+from .base import CONV_TYPES, Param, ParamRole, Recipe, is_rebuilding, padding_kind, restore_plain, weight_space_problem
 from .expandnet_chain import ACTIVATIONS, ComposedBias, ExpandChain, chain_width
 
 MODES = ("kernel", "feature")
@@ -196,17 +196,8 @@ class ExpandNetRecipe(Recipe):
             chain.to(torch.float64)
             weight = chain().detach().clone()
             bias = chain.composed_bias().detach().clone() if has_bias else None
-        # Not parametrize.remove_parametrizations: it edits the parametrized class, which the deep copy shares
-        # with the expanded model this plain one comes from.
-        module.__class__ = original_class(module)
-        del module.parametrizations
-        module.weight = nn.Parameter(weight)
-        if bias is not None:
-            module.bias = nn.Parameter(bias)
-        order = module.__dict__.pop("_kflo_param_order")
-        module._parameters = {k: module._parameters[k] for k in order if k in module._parameters}
         del module._kflo_padding
-        return module
+        return restore_plain(module, original_class(module), weight, bias)
 
     def roles(self, module: nn.Module) -> dict[str, ParamRole]:
         chain: ExpandChain = module.parametrizations.weight[0]
