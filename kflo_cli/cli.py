@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import warnings
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import KfloError
+from .errors import KfloError, is_out_of_memory
 
 app = typer.Typer(
     name="kflo",
@@ -57,7 +58,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except (MemoryError, RuntimeError) as exc:
             if _STATE["debug"]:
                 raise
-            if not _out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             fail(f"out of memory ({first}); choose a smaller model, recipe width/rate, batch or input size", 2)
@@ -67,16 +68,6 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
 
     return wrapper
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` says an allocation failed (host or device): a request too large for this machine."""
-    import torch
-
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(exc)
-    return "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text.lower()
 
 
 def _version(value: bool) -> None:
@@ -153,6 +144,7 @@ def expand(
     from .checkpoint import load_plain_weights, save
     from .models import create_model
     from .recipefile import load_recipe_file
+    from .reparam.base import rebuilding
     from .surgery import as_selections, expand as do_expand
 
     specs: list[Any] = []
@@ -180,9 +172,9 @@ def expand(
     if init_from:
         load_plain_weights(net, init_from[0])
     before = sum(p.numel() for p in net.parameters())
-    with warnings.catch_warnings():
-        if init_from_expanded is not None:  # the transferred tensors replace whatever start the recipe chose
-            warnings.filterwarnings("ignore", message=".*function-preserving factorisation")
+    # With --init-from-expanded the transferred tensors replace the start, so expand as a rebuild does (no
+    # function-preserving initialisation, no warnings or refusals about a start that is thrown away).
+    with rebuilding() if init_from_expanded is not None else contextlib.nullcontext():
         do_expand(net, selections, include=include or [], exclude=exclude or [], seed=seed)
     if init_from_expanded is not None:
         from .reparam.expandnet import transfer_factors

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import KfloError
+from .errors import KfloError, is_out_of_memory
 from .models import default_input_size
 from .reparam.base import tensors_in
 from .surgery import model_dtype, rewritten_layers, supports_float64
@@ -137,7 +137,7 @@ def _run(model: nn.Module, x: torch.Tensor, size: tuple[int, ...]) -> Any:
     try:
         return model(x)
     except RuntimeError as exc:
-        if "memory" in str(exc).lower():
+        if is_out_of_memory(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KfloError(f"the model does not take inputs of size {size} ({first}); pass --input-size with the size it "
