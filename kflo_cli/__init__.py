@@ -12,9 +12,14 @@ __version__ = "0.1.0"
 from .checkpoint import load, load_plain_weights, read_metadata, save
 from .errors import KfloError
 from .models import create_model, default_input_size, resolve_model_id
+from .pipeline import collapse_to_file, expand_model
+from .record import LayerPlan, LayerRecord, ModelRecord, Selection, record, set_record
 from .reparam import (
+    LayerContext,
+    Param,
     ParamRole,
     Recipe,
+    RecipeSpec,
     WeightRecipe,
     create_recipe,
     get_recipe,
@@ -28,17 +33,26 @@ from .verify import EquivalenceReport, verify_equivalence
 __all__ = [
     "EquivalenceReport",
     "KfloError",
+    "LayerContext",
+    "LayerPlan",
+    "LayerRecord",
+    "ModelRecord",
+    "Param",
     "ParamRole",
     "Recipe",
+    "RecipeSpec",
+    "Selection",
     "WeightRecipe",
     "__version__",
     "collapse",
     "collapse_problem",
+    "collapse_to_file",
     "create_model",
     "create_recipe",
     "decay_penalty",
     "default_input_size",
     "expand",
+    "expand_model",
     "get_recipe",
     "is_expanded",
     "list_recipes",
@@ -47,10 +61,12 @@ __all__ = [
     "param_roles",
     "plan",
     "read_metadata",
+    "record",
     "register_recipe",
     "resolve_model_id",
     "rewritten_layers",
     "save",
+    "set_record",
     "step_scales",
     "verify_equivalence",
 ]

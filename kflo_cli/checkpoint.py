@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from ._atomic import atomic_path
 from .errors import KfloError
-from .reparam.base import rebuilding
 from .models import create_model, default_input_size
-from .surgery import expand, is_expanded, model_dtype
+from .record import Selection, record, update_record
+from .surgery import expand, model_dtype
 
 FORMAT = "kflo"
 FORMAT_VERSION = 1
@@ -41,33 +41,29 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def model_metadata(model: nn.Module) -> dict[str, Any]:
-    """The metadata :func:`save` writes for ``model``."""
-    model_id = getattr(model, "kflo_model_id", None)
-    if not model_id:
+    """The metadata :func:`save` writes for ``model``, from its :class:`~kflo_cli.record.ModelRecord`."""
+    rec = record(model)
+    if not rec.model_id:
         raise KfloError(
             "cannot record how to rebuild this model; create it with kflo.create_model(NAME, ...) "
-            "or set model.kflo_model_id (e.g. 'timm:resnet18') and model.kflo_model_kwargs"
+            "(or attach a record: kflo.set_record(model, kflo.ModelRecord('timm:resnet18', {...})))"
         )
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kflo_version": __version__,
-        "kind": "expanded" if is_expanded(model) else "plain",
-        "model_id": model_id,
-        "model_kwargs": dict(getattr(model, "kflo_model_kwargs", {}) or {}),
+        "kind": "expanded" if rec.expanded else "plain",
+        "model_id": rec.model_id,
+        "model_kwargs": dict(rec.model_kwargs),
         "input_size": list(default_input_size(model)),
         "dtype": _dtype_name(model_dtype(model)),
     }
-    if meta["kind"] == "expanded":
-        meta["recipes"] = list(model.kflo_recipes)
-        meta["selection"] = dict(getattr(model, "kflo_selection", {"include": [], "exclude": []}))
-        meta["layers"] = [
-            {"name": r.name, "recipe": r.recipe, "recipe_index": r.recipe_index, "type": r.type, "shape": list(r.shape)}
-            for r in model.kflo_plan
-            if r.applied
-        ]
+    if rec.expanded:
+        meta["recipes"] = rec.recipes_metadata()
+        meta["selection"] = {"include": list(rec.include), "exclude": list(rec.exclude)}
+        meta["layers"] = rec.layers_metadata()
     else:
-        meta["collapsed_from"] = list(getattr(model, "kflo_collapsed_from", []) or [])
+        meta["collapsed_from"] = [dict(x) for x in rec.collapsed_from]
     return meta
 
 
@@ -150,32 +146,39 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise KfloError(f"{path} is not a readable safetensors file ({exc}); pass a file written by kflo or safetensors") from None
 
 
-def build_from_metadata(meta: dict[str, Any]) -> nn.Module:
-    """Rebuild the (expanded or plain) model a metadata block describes, with fresh parameters."""
+def rebuild(meta: dict[str, Any]) -> nn.Module:
+    """The (expanded or plain) model a metadata block describes, with placeholder tensors for a checkpoint's.
+
+    The expansion is re-run on exactly the recorded layers, recipe index by index, as a rebuild: nothing is
+    initialised from the placeholder weights and no value is checked. The record gets the metadata's globs back.
+    """
     damaged = "the file was edited or is damaged, re-create it with kflo expand/collapse"
     try:
         model = create_model(meta["model_id"], **meta.get("model_kwargs", {}))
     except (TypeError, ValueError) as exc:
         raise KfloError(f"the checkpoint's model arguments {meta.get('model_kwargs')} do not build {meta['model_id']} "
                         f"({exc}); {damaged}") from None
-    if meta["kind"] == "expanded":
-        by_recipe: dict[int, list[str]] = {}
-        for layer in meta["layers"]:
-            by_recipe.setdefault(int(layer["recipe_index"]), []).append(layer["name"])
-        if sorted(by_recipe) != list(range(len(meta["recipes"]))):
-            raise KfloError("the checkpoint's layer list does not match its recipes; re-create it with kflo expand")
-        specs = [
-            {"name": entry["name"], **entry["params"], "include": by_recipe[i], "exclude": []}
-            for i, entry in enumerate(meta["recipes"])
-        ]
-        missing = [x["name"] for x in meta["layers"] if x["name"] not in dict(model.named_modules())]
-        if missing:
-            raise KfloError(f"the checkpoint lists layers that {meta['model_id']} does not have ({', '.join(missing[:3])}); "
-                            f"{damaged}")
-        with rebuilding():  # fresh weights are placeholders that the file's tensors replace
-            expand(model, specs)
-        model.kflo_recipes = list(meta["recipes"])
-        model.kflo_selection = dict(meta.get("selection", {}))
+    if meta["kind"] == "plain":
+        update_record(model, collapsed_from=tuple(meta.get("collapsed_from", [])))
+        return model
+    by_recipe: dict[int, list[str]] = {}
+    for layer in meta["layers"]:
+        by_recipe.setdefault(int(layer["recipe_index"]), []).append(layer["name"])
+    if sorted(by_recipe) != list(range(len(meta["recipes"]))):
+        raise KfloError("the checkpoint's layer list does not match its recipes; re-create it with kflo expand")
+    missing = [x["name"] for x in meta["layers"] if x["name"] not in dict(model.named_modules())]
+    if missing:
+        raise KfloError(f"the checkpoint lists layers that {meta['model_id']} does not have ({', '.join(missing[:3])}); "
+                        f"{damaged}")
+    specs = [{"name": entry["name"], **entry["params"], "include": by_recipe[i], "exclude": []}
+             for i, entry in enumerate(meta["recipes"])]
+    expand(model, specs, rebuilding=True)
+    rec = record(model)
+    selections = tuple(Selection(s.recipe, tuple(e.get("include", ())), tuple(e.get("exclude", ())))
+                       for s, e in zip(rec.selections, meta["recipes"]))
+    chosen = meta.get("selection") or {}
+    update_record(model, selections=selections, include=tuple(chosen.get("include", ())),
+                  exclude=tuple(chosen.get("exclude", ())))
     return model
 
 
@@ -214,16 +217,13 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     meta = read_metadata(path)
     if meta is None:
         raise KfloError(f"{path} has no kflo metadata; load it into a model with --init-from or safetensors.torch.load_file")
-    model = build_from_metadata(meta)
+    model = rebuild(meta)
     tensors = load_tensors(path)
     check_tensors_match(model, tensors, path)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())
     load_into(model, tensors)
-    if meta["kind"] == "plain":
-        model.kflo_collapsed_from = meta.get("collapsed_from", [])
-    model.kflo_metadata = meta
     return model.to(map_location).eval()
 
 
@@ -253,8 +253,7 @@ def load_plain_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 __all__ = [
     "FORMAT_VERSION",
-    "build_from_metadata",
-    "check_tensors_match",
+        "check_tensors_match",
     "load",
     "load_into",
     "load_plain_weights",
@@ -262,5 +261,6 @@ __all__ = [
     "model_metadata",
     "parse_dtype",
     "read_metadata",
+    "rebuild",
     "save",
 ]

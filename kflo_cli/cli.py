@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 import warnings
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import KfloError, is_out_of_memory
+from .train.commands import train_options
 
 app = typer.Typer(
     name="kflo",
@@ -139,62 +139,28 @@ def expand(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and parameter counts; write nothing.")] = False,
 ) -> None:
     """Rewrite a model's layers with one or more recipes and write the expanded checkpoint."""
-    import torch
-
-    from .checkpoint import load_plain_weights, save
-    from .models import create_model
+    from .checkpoint import save
+    from .pipeline import expand_model
     from .recipefile import load_recipe_file
-    from .reparam.base import rebuilding
-    from .surgery import as_selections, expand as do_expand
+    from .record import record
 
     specs: list[Any] = []
     for ref in recipe_file or []:
         specs.extend(load_recipe_file(ref).recipes)
     specs.extend(recipe or [])
-    if init_from_expanded is not None:
-        from .checkpoint import read_metadata
-        from .reparam.expandnet import linear_counterpart_specs
-
-        if init_from:
-            raise KfloError("--init-from and --init-from-expanded both set the starting weights; pass only one")
-        source_specs = linear_counterpart_specs(init_from_expanded)
-        specs = specs or source_specs
-        source_kwargs = read_metadata(init_from_expanded).get("model_kwargs", {})
-        num_classes = num_classes if num_classes is not None else source_kwargs.get("num_classes")
-        in_chans = in_chans if in_chans is not None else source_kwargs.get("in_chans")
-    if not specs:
-        raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] or --recipe-file FILE (`kflo recipes` lists them)")
-    selections = as_selections(specs)
     if output is None and not dry_run:
         raise KfloError("no output file; pass -o OUT.safetensors (or --dry-run to only print the plan)")
-    torch.manual_seed(seed)
-    net = create_model(model, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained)
-    if init_from:
-        load_plain_weights(net, init_from[0])
-    before = sum(p.numel() for p in net.parameters())
-    # With --init-from-expanded the transferred tensors replace the start, so expand as a rebuild does (no
-    # function-preserving initialisation, no warnings or refusals about a start that is thrown away).
-    with rebuilding() if init_from_expanded is not None else contextlib.nullcontext():
-        do_expand(net, selections, include=include or [], exclude=exclude or [], seed=seed)
-    if init_from_expanded is not None:
-        from .reparam.expandnet import transfer_factors
-
-        count = transfer_factors(net, init_from_expanded)
-        console.print(f"started from {count} tensors of {init_from_expanded}")
-    if init_from and len(init_from) > 1:
-        from .reparam.kflo import stack_pretrained
-
-        others = []
-        for path in init_from[1:]:
-            reference = create_model(model, num_classes=num_classes, in_chans=in_chans)
-            load_plain_weights(reference, path)
-            others.append(reference.state_dict())
-        stacked = stack_pretrained(net, others)
-        console.print(f"stacked {len(others) + 1} pretrained networks into W_1 of {len(stacked)} layers")
+    net = expand_model(model, specs, include=include or [], exclude=exclude or [],
+                       model_kwargs={"num_classes": num_classes, "in_chans": in_chans}, pretrained=pretrained,
+                       init_from=init_from or [], init_from_expanded=init_from_expanded, seed=seed, note=console.print)
+    rec = record(net)
     after = sum(p.numel() for p in net.parameters())
-    applied = sum(r.applied for r in net.kflo_plan)
+    # rewritten layers' parameters counted once each (the compander's coarse pair is shared by every layer)
+    expanded = {id(p): p.numel() for x in rec.layers for p in net.get_submodule(x.name).parameters()}
+    before = after - sum(expanded.values()) + sum(r.params_before for r in rec.plan if r.applied)
+    applied = len(rec.layers)
     if dry_run:
-        print_plan(net.kflo_plan, f"{net.kflo_model_id} with {' + '.join(s.recipe.spec() for s in selections)}")
+        print_plan(list(rec.plan), f"{rec.model_id} with {' + '.join(s.recipe.spec() for s in rec.selections)}")
         print_totals(before, after, applied)
         return
     save(net, output)
@@ -210,9 +176,8 @@ def collapse(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float64, float16 or bfloat16 (default: the checkpoint's).")] = None,
 ) -> None:
     """Compose every rewritten layer (in float64) into a checkpoint of the original architecture."""
-    from .checkpoint import load, parse_dtype, read_metadata, save
-    from .models import create_model
-    from .surgery import collapse as do_collapse
+    from .checkpoint import load, parse_dtype, read_metadata
+    from .pipeline import collapse_to_file
 
     meta = read_metadata(expanded)
     if meta is None:
@@ -223,14 +188,9 @@ def collapse(
     if output.resolve() == expanded.resolve():
         raise KfloError(f"-o {output} would overwrite the expanded checkpoint it collapses; choose another output path")
     target_dtype = parse_dtype(dtype) if dtype is not None else None
-    model = load(expanded)
-    plain = do_collapse(model, dtype=target_dtype)
-    reference = create_model(meta["model_id"], **meta.get("model_kwargs", {})).state_dict()
-    got = plain.state_dict()
-    if set(got) != set(reference) or any(tuple(got[k].shape) != tuple(reference[k].shape) for k in reference):
-        raise KfloError(f"collapsing {expanded} did not reproduce the original architecture's keys; this is a bug in a recipe, please report it")
-    save(plain, output)
-    console.print(f"wrote {output} ({meta['model_id']}, {len(got)} tensors, {str(next(iter(plain.parameters())).dtype).replace('torch.', '')})")
+    plain = collapse_to_file(load(expanded), output, dtype=target_dtype)
+    tensors = len(plain.state_dict())
+    console.print(f"wrote {output} ({meta['model_id']}, {tensors} tensors, {str(next(iter(plain.parameters())).dtype).replace('torch.', '')})")
 
 
 @app.command("verify-equivalence")
@@ -278,7 +238,8 @@ def verify_equivalence(
 def recipes() -> None:
     """List the recipes with their parameters, defaults and origin, and the bundled recipe files."""
     from .recipefile import bundled_recipe_files
-    from .reparam import PLUGIN_ERRORS, list_recipes
+    from .reparam import list_recipes
+    from .reparam.registry import PLUGIN_ERRORS
 
     table = Table(title="recipes")
     for col in ("name", "parameters (default)", "description", "source"):
@@ -325,75 +286,20 @@ def inspect(path: Annotated[Path, typer.Argument(help="A kflo checkpoint (.safet
         console.print(table)
 
 
-_P_RUN, _P_MODEL, _P_DATA, _P_OPT, _P_KD = "Run", "Model", "Data", "Optimisation", "Distillation"
-
-
 @app.command()
 @handle_errors
+@train_options  # SOURCE and one option per TrainConfig field (kflo_cli/train/config.py), passed in `overrides`
 def train(
-    source: Annotated[Optional[str], typer.Argument(help="Model name (vanilla, or expanded on the fly with --recipe), or a checkpoint (expanded or plain); omit with --resume.")] = None,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Run directory to create.", rich_help_panel=_P_RUN)] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory, exactly.", rich_help_panel=_P_RUN)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run's files in RUN_DIR.", rich_help_panel=_P_RUN)] = False,
-    recipe: Annotated[Optional[list[str]], typer.Option("--recipe", "-r", help="NAME or NAME:key=value,...; repeat to combine.", rich_help_panel=_P_MODEL)] = None,
-    recipe_file: Annotated[Optional[list[str]], typer.Option("--recipe-file", help="TOML recipe file (path or bundled name); its \\[train] table sets defaults.", rich_help_panel=_P_MODEL)] = None,
-    include: Annotated[Optional[list[str]], typer.Option("--include", help="Only rewrite layers matching this glob.", rich_help_panel=_P_MODEL)] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never rewrite layers matching this glob.", rich_help_panel=_P_MODEL)] = None,
-    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Plain checkpoint of the architecture to start from.", rich_help_panel=_P_MODEL)] = None,
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from the library's pretrained weights.", rich_help_panel=_P_MODEL)] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="digits (default, bundled), fashion-mnist, mnist, cifar10, cifar100, imagefolder, synthetic.", rich_help_panel=_P_DATA)] = None,
-    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Where the data set's files are.", rich_help_panel=_P_DATA)] = None,
-    download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="Let torchvision download the data set.", rich_help_panel=_P_DATA)] = None,
-    val_split: Annotated[Optional[float], typer.Option("--val-split", help="Fraction of the training set held out for validation (selects best).", rich_help_panel=_P_DATA)] = None,
-    train_fraction: Annotated[Optional[float], typer.Option("--train-fraction", help="Keep this fraction of each class (KFLO's 40% transfer setting).", rich_help_panel=_P_DATA)] = None,
-    label_noise: Annotated[Optional[float], typer.Option("--label-noise", help="Replace this fraction of training labels at random (ExpandNets' study).", rich_help_panel=_P_DATA)] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="The data set's standard augmentation.", rich_help_panel=_P_DATA)] = None,
-    in_chans: Annotated[Optional[int], typer.Option("--in-chans", help="Convert the images to this many channels.", rich_help_panel=_P_DATA)] = None,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Resize the images to this size.", rich_help_panel=_P_DATA)] = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader worker processes.", rich_help_panel=_P_DATA)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds initialisation, expansion, data split, order and augmentation.", rich_help_panel=_P_OPT)] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", rich_help_panel=_P_OPT)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Global batch (split across torchrun processes).", rich_help_panel=_P_OPT)] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd or adamw.", rich_help_panel=_P_OPT)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Base learning rate.", rich_help_panel=_P_OPT)] = None,
-    momentum: Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum.", rich_help_panel=_P_OPT)] = None,
-    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (SGD).", rich_help_panel=_P_OPT)] = None,
-    betas: Annotated[Optional[str], typer.Option("--betas", help="AdamW betas, e.g. 0.9,0.999.", rich_help_panel=_P_OPT)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="The vanilla weight decay; recipes place it per their paper.", rich_help_panel=_P_OPT)] = None,
-    decay_on: Annotated[Optional[str], typer.Option("--decay-on", help="ExpandNet: 'factors' (each factor) or 'composed' (the product).", rich_help_panel=_P_OPT)] = None,
-    decay_norm_bias: Annotated[Optional[bool], typer.Option("--decay-norm-bias/--no-decay-norm-bias", help="Also decay 1-D parameters (biases, norm layers).", rich_help_panel=_P_OPT)] = None,
-    schedule: Annotated[Optional[str], typer.Option("--schedule", help="cosine, multistep or constant.", rich_help_panel=_P_OPT)] = None,
-    milestones: Annotated[Optional[str], typer.Option("--milestones", help="Multistep epochs, e.g. 60,120,160.", rich_help_panel=_P_OPT)] = None,
-    gamma: Annotated[Optional[float], typer.Option("--gamma", help="Multistep factor.", rich_help_panel=_P_OPT)] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warmup length (may be fractional).", rich_help_panel=_P_OPT)] = None,
-    min_lr: Annotated[Optional[float], typer.Option("--min-lr", help="Cosine floor.", rich_help_panel=_P_OPT)] = None,
-    grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient's total L2 norm.", rich_help_panel=_P_OPT)] = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU).", rich_help_panel=_P_OPT)] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=_P_OPT)] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (torch.set_num_threads).", rich_help_panel=_P_OPT)] = None,
-    ema: Annotated[Optional[float], typer.Option("--ema", help="Keep an exponential moving average with this decay.", rich_help_panel=_P_OPT)] = None,
-    collapse_from: Annotated[Optional[str], typer.Option("--collapse-from", help="Which weights to collapse at the end: last, best or ema.", rich_help_panel=_P_RUN)] = None,
-    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Teacher architecture (for a plain weights file).", rich_help_panel=_P_KD)] = None,
-    teacher_checkpoint: Annotated[Optional[str], typer.Option("--teacher-checkpoint", help="The trained teacher's checkpoint.", rich_help_panel=_P_KD)] = None,
-    kd_alpha: Annotated[Optional[float], typer.Option("--kd-alpha", help="Weight of the distillation term.", rich_help_panel=_P_KD)] = None,
-    kd_temperature: Annotated[Optional[float], typer.Option("--kd-temperature", help="Softmax temperature.", rich_help_panel=_P_KD)] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Run directory to create.", rich_help_panel="Run")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory, exactly.", rich_help_panel="Run")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run's files in RUN_DIR.", rich_help_panel="Run")] = False,
     stop_after_steps: Annotated[Optional[int], typer.Option("--stop-after-steps", hidden=True)] = None,
+    overrides: dict[str, Any] | None = None,
 ) -> None:
     """Train a model (vanilla or expanded), then collapse it, verify it and measure the collapsed model."""
-    from .train.commands import parse_number_list, run_train
+    from .train.commands import run_train
 
-    overrides = dict(
-        recipe=recipe, recipe_file=recipe_file, include=include, exclude=exclude, init_from=init_from, pretrained=pretrained,
-        data=data, data_dir=data_dir, download=download, val_split=val_split, train_fraction=train_fraction,
-        label_noise=label_noise, augment=augment, in_chans=in_chans, img_size=img_size, num_workers=num_workers,
-        seed=seed, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
-        betas=parse_number_list(betas, float, "--betas"), weight_decay=weight_decay, decay_on=decay_on,
-        decay_norm_bias=decay_norm_bias, schedule=schedule, milestones=parse_number_list(milestones, int, "--milestones"),
-        gamma=gamma, warmup_epochs=warmup_epochs, min_lr=min_lr, grad_clip=grad_clip, amp=amp, device=device,
-        threads=threads, ema=ema, collapse_from=collapse_from, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
-        kd_alpha=kd_alpha, kd_temperature=kd_temperature,
-    )
-    code = run_train(source=source, output=output, resume_dir=resume, overwrite=overwrite, overrides=overrides, stop_after_steps=stop_after_steps)
+    code = run_train(overrides=overrides or {}, output=output, resume_dir=resume, overwrite=overwrite, stop_after_steps=stop_after_steps)
     if code:
         raise typer.Exit(code)
 
@@ -438,3 +344,30 @@ def main() -> None:
 
 
 __all__ = ["app", "fail", "handle_errors", "main"]
+
+
+@app.command()
+@handle_errors
+def sweep(
+    grid: Annotated[Path, typer.Argument(help="The grid file (TOML): models, data settings, methods, seeds and ONE \\[train] schedule; docs/sweep.md, examples in sweeps/.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The sweep's folder: runs/<model>/<data>/<method>/seed<k> and results.{md,csv,json,png}.")],
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained at once (each a kflo train process).")] = 1,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="--threads of each run (default: CPU cores // --jobs).")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Only rewrite the results files from the run directories.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and what would run; write nothing.")] = False,
+) -> None:
+    """Train a grid of models x methods x data settings x seeds under one schedule (resumable) and report mean +- std,
+    95 % intervals and paired t-tests against the baseline."""
+    from .sweep import run_sweep
+
+    outcome = run_sweep(grid, output, jobs=jobs, threads=threads, report_only=report_only, dry_run=dry_run)
+    for line in outcome.lines():
+        console.print(line, markup=False, highlight=False)
+    if outcome.interrupted:
+        print(f"interrupted: the running cells saved their state; `kflo sweep {grid} -o {output}` continues (finished "
+              "cells are skipped, interrupted ones resume)", file=sys.stderr)
+    elif outcome.exit_code:
+        print(f"{len(outcome.unfinished)} cell(s) did not finish (listed above and in results.md); running the same "
+              "command again retries them", file=sys.stderr)
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)

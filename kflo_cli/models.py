@@ -8,6 +8,7 @@ from typing import Any
 import torch.nn as nn
 
 from .errors import KfloError
+from .record import ModelRecord, record, set_record
 
 SOURCES = ("timm", "torchvision")
 
@@ -75,11 +76,12 @@ def create_model(
     """Build a model by name and remember how it was built (for self-describing checkpoints).
 
     ``None`` arguments are dropped so the library's own defaults stay in force. The returned model carries
-    ``kflo_model_id`` and ``kflo_model_kwargs`` attributes; :func:`kflo_cli.save` records them.
+    a :class:`~kflo_cli.record.ModelRecord` with its ``model_id`` and ``model_kwargs``; :func:`kflo_cli.save` writes them.
 
     >>> model = create_model("resnet18", num_classes=10)
-    >>> model.kflo_model_id
-    'timm:resnet18'
+    >>> from kflo_cli import record
+    >>> record(model).model_id, record(model).model_kwargs
+    ('timm:resnet18', {'num_classes': 10})
     """
     model_id = resolve_model_id(name)
     source, _, bare = model_id.partition(":")
@@ -91,9 +93,7 @@ def create_model(
             raise KfloError(f"torchvision model '{bare}' does not take in_chans; drop --in-chans or use a timm model")
         kw["in_chans"] = int(in_chans)
     model = _build(source, bare, kw, pretrained)
-    model.kflo_model_id = model_id
-    model.kflo_model_kwargs = dict(kw)
-    return model
+    return set_record(model, ModelRecord(model_id, dict(kw)))
 
 
 def _build(source: str, bare: str, kw: dict[str, Any], pretrained: bool) -> nn.Module:
@@ -124,7 +124,7 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
     ``in_chans`` it was built with or that convolution's input channels."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    kwargs = getattr(model, "kflo_model_kwargs", {}) or {}
+    kwargs = record(model).model_kwargs
     if size:
         size = tuple(int(s) for s in size)
         if "in_chans" in kwargs:

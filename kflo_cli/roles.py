@@ -1,10 +1,15 @@
-"""Per-parameter training roles and recipe penalties, for the trainer and for users' own training loops."""
+"""Each recipe's training rules, read from its parameter roles, for kflo's trainer and for users' own loops.
+
+A :class:`~kflo_cli.reparam.ParamRole` is the whole rule of one parameter: how much it decays and whether that
+decay applies to the parameter itself or to its layer's composed weight. Nothing here knows a recipe by name.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from .errors import KfloError
 from .reparam import ORDINARY, ParamRole
 from .surgery import rewritten_layers
 
@@ -12,13 +17,13 @@ from .surgery import rewritten_layers
 def param_roles(model: nn.Module) -> dict[str, ParamRole]:
     """Role of every trainable parameter of ``model``, by its full name.
 
-    Parameters of rewritten layers get the role their recipe gives them (e.g. KFLO's ``kflo-w1``: no decay;
-    ``kflo-cascade``: a fixed 1e-9); every other parameter is ``ordinary``.
+    Parameters of rewritten layers get the role their recipe gives them (e.g. KFLO's ``kflo-w1``: its decay goes on
+    the composed kernel; ``kflo-cascade``: a fixed 1e-9); every other parameter is ``ordinary``.
 
     >>> import kflo_cli as kflo
     >>> m = kflo.expand(kflo.create_model("lenet5"), "kflo")
-    >>> kflo.param_roles(m)["features.0.parametrizations.weight.0.w1"].weight_decay  # doctest: +SKIP
-    'none'
+    >>> kflo.param_roles(m)["features.0.parametrizations.weight.0.w1"].decay_target
+    'composed'
     """
     roles = {name: ORDINARY for name, p in model.named_parameters() if p.requires_grad}
     for layer_name, module, recipe in rewritten_layers(model):
@@ -30,16 +35,51 @@ def param_roles(model: nn.Module) -> dict[str, ParamRole]:
     return roles
 
 
+def resolve_decay(role: ParamRole, weight_decay: float) -> float:
+    """The number a role's ``weight_decay`` stands for in a run whose weight decay is ``weight_decay``."""
+    if role.weight_decay == "none":
+        return 0.0
+    if role.weight_decay == "default":
+        return float(weight_decay)
+    return float(role.weight_decay)
+
+
+def composed_decays(model: nn.Module, weight_decay: float) -> list[tuple[str, nn.Module, str, float]]:
+    """``(layer name, layer, recipe name, decay)`` for every rewritten layer whose composed weight is decayed
+    (some parameter of it has a role with ``decay_target="composed"``), with a non-zero decay.
+
+    Raises:
+        KfloError: one layer's roles ask for two different decays on its composed weight.
+    """
+    out = []
+    for layer_name, module, recipe in rewritten_layers(model):
+        wanted = {resolve_decay(role, weight_decay) for role in recipe.roles(module).values()
+                  if role.decay_target == "composed"}
+        if len(wanted) > 1:
+            raise KfloError(f"recipe '{recipe.name}' asks for decays {sorted(wanted)} on the composed weight of layer "
+                            f"'{layer_name}'; its roles must agree on one value")
+        decay = wanted.pop() if wanted else 0.0
+        if decay:
+            if not isinstance(getattr(module, "weight", None), torch.Tensor):
+                raise KfloError(f"recipe '{recipe.name}' decays the composed weight of layer '{layer_name}', which "
+                                "this layer does not expose as .weight; give its roles decay_target='parameter'")
+            out.append((layer_name, module, recipe.name, decay))
+    return out
+
+
 def decay_penalty(model: nn.Module, weight_decay: float) -> torch.Tensor:
-    """Sum of the recipes' penalty terms (e.g. KFLO's decay on composed kernels) to add to the loss."""
+    """The loss term of every composed-weight decay: ``sum decay / 2 * ||W||^2`` over the layers that have one.
+
+    The 1/2 makes the gradient ``decay * W``, what SGD's ``weight_decay`` does to a plain weight, so a composed
+    weight is decayed exactly as hard as the vanilla layer's (the KFLO public code omits it: docs/kflo.md).
+    Add it to the loss; give the optimizer the per-parameter decays of :func:`param_roles` (0 for parameters whose
+    decay targets the composed weight).
+    """
     total = None
-    for _, module, recipe in rewritten_layers(model):
-        term = recipe.penalty(module, weight_decay)
-        if term is not None:
-            total = term if total is None else total + term
-    if total is None:
-        return torch.zeros(())
-    return total
+    for _, module, _, decay in composed_decays(model, weight_decay):
+        term = 0.5 * decay * module.weight.pow(2).sum()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
 
 
 def step_scales(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -52,4 +92,4 @@ def step_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     return scales
 
 
-__all__ = ["decay_penalty", "param_roles", "step_scales"]
+__all__ = ["composed_decays", "decay_penalty", "param_roles", "resolve_decay", "step_scales"]

@@ -1,4 +1,8 @@
-"""Planning, expanding and collapsing: walks any model's modules and hands each eligible layer to a recipe."""
+"""Planning, expanding and collapsing: walks any model's modules and hands each eligible layer to a recipe.
+
+The model's :class:`~kflo_cli.record.ModelRecord` says what was done: :func:`expand` writes it, :func:`collapse`
+and :func:`rewritten_layers` read it. Nothing is stored on the layers themselves.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import copy
 import fnmatch
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -15,18 +19,9 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .errors import KfloError
-from .reparam import RECIPE_ATTR, LayerPlan, Recipe, create_recipe
-
-@dataclass
-class Selection:
-    """A recipe with its own include/exclude globs (fnmatch over module names)."""
-
-    recipe: Recipe
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-
-    def as_metadata(self) -> dict[str, Any]:
-        return {"name": self.recipe.name, "params": dict(self.recipe.values), "include": self.include, "exclude": self.exclude}
+from .record import LayerPlan, LayerRecord, ModelRecord, Selection, expanded_roots, record, set_record
+from .reparam import LayerContext, Recipe, create_recipe
+from .reparam.dataflow import tensors_in
 
 
 def as_selections(recipes: Any) -> list[Selection]:
@@ -39,8 +34,8 @@ def as_selections(recipes: Any) -> list[Selection]:
             out.append(item)
         elif isinstance(item, dict):
             name = item.get("name", "?")
-            out.append(Selection(create_recipe(item), _globs(item.get("include"), f"{name}: include"),
-                                 _globs(item.get("exclude"), f"{name}: exclude")))
+            out.append(Selection(create_recipe(item), tuple(_globs(item.get("include"), f"{name}: include")),
+                                 tuple(_globs(item.get("exclude"), f"{name}: exclude"))))
         else:
             out.append(Selection(create_recipe(item)))
     if not out:
@@ -79,10 +74,6 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _type_name(module: nn.Module) -> str:
-    return parametrize.type_before_parametrizations(module).__name__
-
-
 def _own_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -92,26 +83,26 @@ def _weight_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(w.shape) if isinstance(w, torch.Tensor) else ()
 
 
-def plan(
-    model: nn.Module,
-    recipes: Any,
-    *,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-) -> list[LayerPlan]:
+def plan(model: nn.Module, recipes: Any, *, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[LayerPlan]:
     """Decide which recipe rewrites which layer, without changing the model.
 
     Recipes are tried in order; each takes the eligible layers matched by the global and its own globs.
-    A layer eligible for two recipes is an error (restrict one with include/exclude).
+    A layer eligible for two recipes is an error (restrict one with include/exclude), and so is a layer a recipe
+    applies to but cannot expand with its parameter values (:meth:`Recipe.check`).
 
     Returns:
-        One :class:`LayerPlan` per layer any recipe considered, in module order. ``params_after`` is filled by
-        :func:`expand`.
+        One :class:`LayerPlan` per layer any recipe considered, in module order (``params_after`` is filled by
+        :func:`expand`).
     """
     selections = as_selections(recipes)
-    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
+    return _plan(model, selections, _globs(include, "include"), _globs(exclude, "exclude"),
+                 [{} for _ in selections], rebuilding=False)
+
+
+def _plan(model: nn.Module, selections: list[Selection], include: list[str], exclude: list[str],
+          shared: list[dict[str, Any]], *, rebuilding: bool) -> list[LayerPlan]:
     _check_globs(model, include, exclude, selections)
-    shared = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+    counts = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     rows: dict[str, LayerPlan] = {}
     claimed: dict[str, str] = {}
     for index, sel in enumerate(selections):
@@ -120,7 +111,7 @@ def plan(
         for name, module in model.named_modules():
             if not name or not recipe.considers(module):
                 continue
-            reason = None
+            layer = LayerContext(name, module, model, rebuilding, shared[index])
             if include and not _matches(name, include):
                 reason = "not matched by --include"
             elif _matches(name, exclude):
@@ -129,24 +120,27 @@ def plan(
                 reason = f"not matched by {recipe.name}'s include"
             elif _matches(name, sel.exclude):
                 reason = f"excluded by {recipe.name}'s exclude"
-            elif any(shared[id(p)] > 1 for p in module.parameters(recurse=False)):
+            elif any(counts[id(p)] > 1 for p in module.parameters(recurse=False)):
                 reason = "a parameter is shared with another module"
             else:
-                reason = recipe.skip_reason(name, module, model)
+                reason = recipe.skip_reason(layer)
             if reason is None:
                 if name in claimed:
                     raise KfloError(
                         f"layer '{name}' is claimed by both recipe '{claimed[name]}' and recipe '{recipe.name}'; "
                         "restrict one of them with include/exclude globs"
                     )
+                problem = None if rebuilding else recipe.check(layer)
+                if problem:
+                    raise KfloError(problem)
                 claimed[name] = recipe.name
                 hits += 1
-            before = _own_params(module)
             row = rows.get(name)
             if row is None or (reason is None and not row.applied):
+                before = _own_params(module)
                 rows[name] = LayerPlan(
                     name=name,
-                    type=_type_name(module),
+                    type=parametrize.type_before_parametrizations(module).__name__,
                     shape=_weight_shape(module),
                     recipe=recipe.name if reason is None else None,
                     applied=reason is None,
@@ -189,6 +183,7 @@ def expand(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     seed: int | None = None,
+    rebuilding: bool = False,
 ) -> nn.Module:
     """Rewrite ``model``'s layers in place with one or more recipes and return it.
 
@@ -198,48 +193,53 @@ def expand(
         include: fnmatch globs over module names; only matching layers are rewritten.
         exclude: fnmatch globs; matching layers are left alone.
         seed: seeds the random parts of the initialisation (e.g. KFLO's extra W_1 rows).
+        rebuilding: only rebuild the structure, because a checkpoint's tensors replace every value next: nothing
+            is initialised from the current weights and no value is checked (:func:`kflo_cli.load` uses it).
 
-    The expanded model computes the same function as before (see each recipe for exceptions) and records
-    the plan in ``model.kflo_plan`` and the recipes in ``model.kflo_recipes``.
+    The expanded model computes the same function as before (see each recipe for exceptions). What was done is
+    in its record: ``kflo.record(model).plan`` and ``.layers``.
 
     >>> import kflo_cli as kflo
     >>> m = kflo.expand(kflo.create_model("lenet5"), "kflo:depth=2,width=4")
-    >>> sorted({row.recipe for row in m.kflo_plan if row.applied})
+    >>> sorted({row.recipe for row in kflo.record(m).plan if row.applied})
     ['kflo']
     """
-    if getattr(model, "kflo_recipes", None):
+    rec = record(model)
+    if rec.expanded:
         raise KfloError("this model is already expanded; collapse it first or expand the original model")
     selections = as_selections(recipes)
     include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
-    rows = plan(model, selections, include=include, exclude=exclude)
+    shared: list[dict[str, Any]] = [{} for _ in selections]
+    rows = _plan(model, selections, include, exclude, shared, rebuilding=rebuilding)
+    layers = []
     with _seeded(seed):
-        for row in rows:
+        for i, row in enumerate(rows):
             if not row.applied:
                 continue
-            recipe = selections[row.recipe_index].recipe
             module = model.get_submodule(row.name)
-            new = recipe.expand_layer(row.name, module, model)
-            setattr(new, RECIPE_ATTR, recipe)
+            layers.append(LayerRecord(row.name, row.recipe_index, parametrize.type_before_parametrizations(module),
+                                      tuple(module._parameters), row.shape))
+            layer = LayerContext(row.name, module, model, rebuilding, shared[row.recipe_index])
+            new = selections[row.recipe_index].recipe.expand_layer(layer)
             if new is not module:
                 _set_submodule(model, row.name, new)
-            row.params_after = _own_params(new)
-    model.kflo_recipes = [s.as_metadata() for s in selections]
-    model.kflo_plan = rows
-    model.kflo_selection = {"include": list(include), "exclude": list(exclude)}
+            rows[i] = replace(row, params_after=_own_params(new))
+    set_record(model, replace(rec, selections=tuple(selections), include=tuple(include), exclude=tuple(exclude),
+                              plan=tuple(rows), layers=tuple(layers)))
     return model
 
 
 def rewritten_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Recipe]]:
-    """Yield ``(name, module, recipe)`` for every layer a recipe rewrote."""
-    for name, module in model.named_modules():
-        recipe = getattr(module, RECIPE_ATTR, None)
-        if recipe is not None:
-            yield name, module, recipe
+    """Yield ``(name, module, recipe)`` for every layer a recipe rewrote (also inside wrappers such as DDP)."""
+    for prefix, root, rec in expanded_roots(model):
+        for layer in rec.layers:
+            name = f"{prefix}.{layer.name}" if prefix else layer.name
+            yield name, root.get_submodule(layer.name), rec.recipe_of(layer)
 
 
 def is_expanded(model: nn.Module) -> bool:
     """Whether any layer of ``model`` is rewritten by a recipe."""
-    return next(rewritten_layers(model), None) is not None
+    return next(expanded_roots(model), None) is not None
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -253,16 +253,35 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 def collapse_problem(model: nn.Module) -> str | None:
     """Why :func:`collapse` would refuse this expanded model (the first layer no single layer can compute, with
     what to do instead), or ``None`` when it collapses."""
-    for name, module, recipe in rewritten_layers(model):
-        problem = recipe.collapse_problem(name, module)
-        if problem:
-            return problem
+    for _, root, rec in expanded_roots(model):
+        for layer in rec.layers:
+            problem = rec.recipe_of(layer).collapse_problem(LayerContext(layer.name, root.get_submodule(layer.name), root))
+            if problem:
+                return problem
     return None
 
 
 def supports_float64(device: torch.device) -> bool:
     """Whether ``device`` computes in float64 (Apple's MPS does not; kflo then composes on the CPU)."""
     return device.type != "mps"
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that also works when it caches computed tensors.
+
+    Some models keep tensors computed in a forward pass in ordinary attributes (timm's LeViT and EfficientViT cache
+    attention biases in eval mode). After a forward with gradients enabled those are non-leaf tensors, which
+    ``copy.deepcopy`` refuses; the copy gets them detached (they are caches: the same values, no history).
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            for tensor in tensors_in(value):
+                if tensor.grad_fn is not None:
+                    memo[id(tensor)] = tensor.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
@@ -276,33 +295,26 @@ def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module
     >>> kflo.is_expanded(plain)
     False
     """
-    layers = list(rewritten_layers(model))
-    if not layers:
+    if not is_expanded(model):
         raise KfloError("this model has no expanded layers, so there is nothing to collapse; it is already plain")
     problem = collapse_problem(model)
     if problem:
         raise KfloError(problem)
     target = dtype or model_dtype(model)
-    plain = copy.deepcopy(model)
+    plain = copy_model(model)
     home = next((p.device for p in plain.parameters()), torch.device("cpu"))
     if not supports_float64(home):
         plain.cpu()  # compose in float64 on the CPU, then move back
-    done: dict[int, tuple[Recipe, list[str]]] = {}  # by instance: two selections of one recipe stay apart
-    for name, module, recipe in list(rewritten_layers(plain)):
-        new = recipe.collapse_layer(name, module, plain)
-        if hasattr(new, RECIPE_ATTR):
-            delattr(new, RECIPE_ATTR)
-        if new is not module:
-            _set_submodule(plain, name, new)
-        done.setdefault(id(recipe), (recipe, []))[1].append(name)
-    for recipe, names in done.values():
-        recipe.finalize_collapse(plain, names)
+    for _, root, rec in list(expanded_roots(plain)):
+        for layer in rec.layers:
+            module = root.get_submodule(layer.name)
+            new = rec.recipe_of(layer).collapse_layer(LayerContext(layer.name, module, root), layer)
+            if new is not module:
+                _set_submodule(root, layer.name, new)
+        set_record(root, ModelRecord(rec.model_id, rec.model_kwargs, collapsed_from=tuple(rec.recipes_metadata())))
     plain.to(device=home, dtype=target)
-    plain.kflo_collapsed_from = list(getattr(model, "kflo_recipes", []))
-    for attr in ("kflo_recipes", "kflo_plan", "kflo_selection"):
-        if hasattr(plain, attr):
-            delattr(plain, attr)
     return plain
 
 
-__all__ = ["Selection", "as_selections", "collapse", "collapse_problem", "expand", "is_expanded", "model_dtype", "plan", "rewritten_layers", "supports_float64"]
+__all__ = ["as_selections", "collapse", "collapse_problem", "copy_model", "expand", "is_expanded", "model_dtype", "plan",
+           "rewritten_layers", "supports_float64"]

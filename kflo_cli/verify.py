@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -11,8 +10,8 @@ import torch.nn as nn
 
 from .errors import KfloError, is_out_of_memory
 from .models import default_input_size
-from .reparam.base import tensors_in
-from .surgery import model_dtype, rewritten_layers, supports_float64
+from .reparam.dataflow import tensors_in
+from .surgery import copy_model, model_dtype, rewritten_layers, supports_float64
 
 #: Default relative tolerance (of the output scale) by the dtype the checkpoints store. float32 weights carry a
 #: relative rounding error of 6e-8 each; through a deep network that grows to ~1e-6, so 1e-5 leaves a margin
@@ -45,10 +44,6 @@ class EquivalenceReport:
     layers: list[LayerError] = field(default_factory=list)
     #: Why it failed when the errors alone do not say (outputs of other shapes, non-finite outputs); else "".
     reason: str = ""
-
-    @property
-    def errors(self) -> dict[str, float]:
-        return {"max_abs": self.max_abs_error, "rel": self.rel_error}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,7 +97,7 @@ def verify_equivalence(
     """
     tol = default_rtol(expanded, plain) if rtol is None else float(rtol)
     size = tuple(input_size) if input_size else default_input_size(plain)
-    a, b = copy.deepcopy(expanded).eval(), copy.deepcopy(plain).eval()
+    a, b = copy_model(expanded).eval(), copy_model(plain).eval()
     device = next((p.device for p in b.parameters()), torch.device("cpu"))
     if not supports_float64(device):
         device = torch.device("cpu")  # float64 compute where the device has none

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import kflo_cli as kflo
 from kflo_cli.cli import app
+from kflo_cli.errors import KfloError
 
 from conftest import move_bn_stats, perturb, rel_err
 
@@ -82,7 +83,7 @@ def zoo_roundtrip(model_id: str, kwargs: dict, input_size: tuple[int, ...], spec
     with torch.no_grad():
         before = model(x)
     kflo.expand(model, spec, seed=0)
-    assert any(r.applied for r in model.kflo_plan), f"{spec} must apply to some layer of {model_id}"
+    assert any(r.applied for r in kflo.record(model).plan), f"{spec} must apply to some layer of {model_id}"
     with torch.no_grad():
         after = model.eval()(x)
     if exact_start:
@@ -136,7 +137,8 @@ def cli_roundtrip(model: str, recipe_args: list[str], tmp_path: Path, input_size
 
 def layer_roundtrip(layer: nn.Module, spec: str, x: torch.Tensor, *, exact_start: bool = True, tol: float = 1e-10,
                     seed: int = 0) -> nn.Module:
-    """Expand one float64 layer, check the start, perturb, collapse, check equivalence; returns the expanded layer."""
+    """Expand one float64 layer, check the start, perturb, collapse, check equivalence; returns the expanded model
+    (``nn.Sequential`` of the layer: the expansion's record, hence its training rules, lives on it)."""
     cls = type(layer)
     y0 = layer(x)
     model = nn.Sequential(layer)
@@ -148,4 +150,37 @@ def layer_roundtrip(layer: nn.Module, spec: str, x: torch.Tensor, *, exact_start
     plain = kflo.collapse(model)
     assert type(plain[0]) is cls
     assert rel_err(model(x), plain(x)) < tol
-    return expanded
+    return model
+
+
+#: Tiny zoo models: registry-wide checks run a recipe on the first of them it rewrites a layer of. The SmallNets
+#: come first because they have BatchNorm layers (LeNet-5 has none); SmallNet 3x3's kernels are too small for
+#: ExpandNet-CK, which moves on to SmallNet 7x7.
+TINY_MODELS = ("smallnet_k3", "smallnet_k7", "lenet5")
+
+
+def builtin_recipe_names() -> list[str]:
+    """The names of the built-in recipes, read from the registry (plugins excluded), for ``parametrize``."""
+    return [cls.name for cls in kflo.list_recipes() if cls.source == "built-in"]
+
+
+def expand_first_applicable(spec: str, models: tuple[str, ...] = TINY_MODELS, *,
+                            dtype: torch.dtype = torch.float32) -> tuple[str, nn.Module]:
+    """Expand the first of ``models`` (10 classes, ``dtype``) that recipe ``spec`` rewrites a layer of.
+
+    Returns ``(model name, expanded model)``. Fails the test, with each model's reason, when the recipe rewrites
+    nothing in any of them: a recipe that silently stopped applying must not make a registry-wide test vacuous.
+    """
+    reasons = []
+    for model_id in models:
+        torch.manual_seed(0)
+        model = kflo.create_model(model_id, num_classes=10).to(dtype)
+        try:
+            kflo.expand(model, spec, seed=0)
+        except KfloError as exc:
+            reasons.append(f"{model_id}: {exc}")
+            continue
+        if next(kflo.rewritten_layers(model), None) is not None:
+            return model_id, model
+        reasons.append(f"{model_id}: expanded without error but rewrote no layer")
+    raise AssertionError(f"recipe {spec!r} rewrites no layer of any of {', '.join(models)}: " + "; ".join(reasons))

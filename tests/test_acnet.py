@@ -61,7 +61,7 @@ def test_acnet_block_folds_exactly_in_eval_mode(cfg, consumer, bn_init, affine, 
     y0 = model(x)
     spec = f"acnet:bn_init={bn_init},affine={str(affine).lower()}"
     if not kwargs["bias"] and consumer == "none":
-        reason = kflo.create_recipe(spec).skip_reason("0", conv, model)
+        reason = kflo.create_recipe(spec).skip_reason(kflo.LayerContext("0", conv, model))
         assert "is not consumed by a BatchNorm alone, so the folded bias has nowhere to go" in reason
         with pytest.raises(KfloError, match="matches no layer"):
             kflo.expand(model, spec)
@@ -178,7 +178,9 @@ class Plain(nn.Module):
 def skip_reasons(model: nn.Module) -> dict[str, str | None]:
     """The plan's reason per Conv2d (``kflo.plan`` refuses a recipe that applies nowhere, so ask directly)."""
     recipe = kflo.create_recipe("acnet")
-    return {n: recipe.skip_reason(n, m, model) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    shared: dict = {}  # one expansion: the data flow is analysed once
+    return {n: recipe.skip_reason(kflo.LayerContext(n, m, model, shared=shared)) for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d)}
 
 
 @pytest.mark.parametrize("model,fragment", [
@@ -267,7 +269,7 @@ ZOO = [
 def test_zoo_collapsed_checkpoint_loads_strictly(model_id, kwargs, size, tmp_path):
     model = zoo_roundtrip(model_id, kwargs, size, "acnet", tmp_path, exact_start=False)
     # Every square odd convolution of these networks is applied: no layer lost for want of a bias slot.
-    assert not [r for r in model.kflo_plan if "nowhere to go" in r.reason]
+    assert not [r for r in kflo.record(model).plan if "nowhere to go" in r.reason]
     blocks = [m for _, m, _ in kflo.rewritten_layers(model)]
     assert blocks and all(isinstance(b, ACBlock) for b in blocks)
     if model_id != "smallnet_k7":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import traceback
 
 import pytest
 import timm
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from kflo_cli.cli import app
+from kflo_cli.errors import KfloError
 
 runner = CliRunner()
 
@@ -162,10 +164,22 @@ def test_init_from_another_architecture_names_the_likely_cause(files, tmp_cwd):
 
 
 def test_debug_shows_traceback(tmp_cwd):
+    """--debug lets the error propagate with its traceback instead of turning it into one line and exit 2.
+
+    (typer's CliRunner records even a clean exit as ``r.exception = SystemExit(2)``, so what tells the two apart is
+    the exception's type and its traceback reaching into the library, not ``r.exception`` being set.)
+    """
+    r = run("expand", "resnet181", "--recipe", "kflo", "-o", "x.safetensors")
+    assert_user_error(r, "unknown model 'resnet181'")
+    assert isinstance(r.exception, SystemExit)  # the one-line path
     r = run("--debug", "expand", "resnet181", "--recipe", "kflo", "-o", "x.safetensors")
-    assert r.exit_code != 0 and r.exception is not None
+    assert isinstance(r.exception, KfloError) and "unknown model 'resnet181'" in str(r.exception), repr(r.exception)
+    assert r.exit_code == 1 and "error: " not in r.stderr  # raised, not printed as one line
+    frames = "".join(traceback.format_exception(*r.exc_info))
+    assert frames.startswith("Traceback (most recent call last)") and "create_model" in frames, frames
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_console_script(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kflo_cli", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("kflo ")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from kflo_cli import data_formats as fmt
+from kflo_cli.data import formats as fmt
 from kflo_cli.data import DATASETS, DataBundle, build_data, corrupt_labels, model_input_for, stratified_split
 from kflo_cli.errors import KfloError
 

@@ -23,7 +23,7 @@ from kflo_cli.cli import app
 from kflo_cli.errors import KfloError
 from kflo_cli.reparam.expandnet_chain import chain_width, compose
 
-from conftest import move_bn_stats, perturb, rel_err
+from conftest import move_bn_stats, perturb, rel_err, slow_cases
 from recipe_checks import CONV, cli_roundtrip, paddings, zoo_roundtrip
 
 TOL64 = 1e-10  # float64: composing, chaining and collapsing only reorder float64 sums
@@ -108,8 +108,8 @@ def check_layer(recipe: str, cfg: tuple, seed: int) -> None:
             kflo.expand(model, spec_for(recipe, rate, tail, mode), seed=seed)
         chain = model[0].parametrizations.weight[0]
         assert chain.widths == widths and chain.kernels == kernels
-        assert model.kflo_plan[0].params_after == expected_params(widths, kernels, groups, kwargs["bias"])
-        assert sum(p.numel() for p in model.parameters()) == model.kflo_plan[0].params_after
+        assert kflo.record(model).plan[0].params_after == expected_params(widths, kernels, groups, kwargs["bias"])
+        assert sum(p.numel() for p in model.parameters()) == kflo.record(model).plan[0].params_after
         assert "weight" not in dict(model[0].named_parameters()), "the original weight must not be kept"
         if chain.exact_start:
             assert rel_err(y0, model(x)) < TOL64
@@ -143,6 +143,7 @@ def check_layer(recipe: str, cfg: tuple, seed: int) -> None:
     assert rel_err(yf, reference(x)) < TOL64
 
 
+@pytest.mark.slow
 @given(cfg=layer_configs("cl"), seed=st.integers(0, 50))
 def test_cl_collapse_forms_agree_and_counts(cfg, seed):
     check_layer("cl", cfg, seed)
@@ -227,7 +228,7 @@ def test_weight_transforming_subclasses_run_in_kernel_form_only():
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
     y0 = model(x)
     kflo.expand(model, "expandnet-cl")
-    assert all(r.applied for r in model.kflo_plan)
+    assert all(r.applied for r in kflo.record(model).plan)
     assert rel_err(y0, model(x)) < TOL64
     perturb(model, 0.3)
     assert rel_err(model(x), kflo.collapse(model)(x)) < TOL64
@@ -300,7 +301,7 @@ def test_a_layer_claimed_twice_is_an_error():
     # Restricting one of them makes the sets disjoint: CK on the 7x7 stem, CL on the rest.
     model = kflo.expand(kflo.create_model("smallnet_k7"), [{"name": "expandnet-ck", "include": ["features.0"], "init": "random"},
                                                            {"name": "expandnet-cl", "exclude": ["features.0"]}])
-    assert {r.name: r.recipe for r in model.kflo_plan if r.applied} == {
+    assert {r.name: r.recipe for r in kflo.record(model).plan if r.applied} == {
         "features.0": "expandnet-ck", "features.4": "expandnet-cl", "features.8": "expandnet-cl"}
 
 
@@ -383,7 +384,10 @@ def test_plus_init_transfers_the_nonlinear_factors_to_the_linear_expandnet(tmp_p
     r = runner.invoke(app, ["expand", "smallnet_k7", "--recipe", "expandnet-ck:rate=2,init=random", "--recipe", "expandnet-fc",
                             "--init-from-expanded", str(nonlinear), "-o", str(linear)])
     assert r.exit_code == 2 and "does not fit this expansion" in r.output
-    assert kflo.is_expanded(kflo.reparam.expandnet.linear_counterpart(nonlinear))
+    # The library's pipeline does the same as the CLI: the linear counterpart starts from every tensor.
+    linear_model = kflo.expand_model("smallnet_k7", init_from_expanded=nonlinear)
+    assert all(torch.equal(linear_model.state_dict()[k], v) for k, v in source.items())
+    assert all(not s.recipe.values.get("nonlinear", "none") != "none" for s in kflo.record(linear_model).selections)
 
 
 # -- zoo models and the CLI ------------------------------------------------------------------------------------------
@@ -399,10 +403,13 @@ ZOO = [
 ]
 
 
-@pytest.mark.parametrize("model_id,kwargs,size,spec,exact", ZOO, ids=[f"{z[0]}-{z[3]}" for z in ZOO])
+@pytest.mark.parametrize("model_id,kwargs,size,spec,exact", slow_cases(ZOO, [f"{z[0]}-{z[3]}" for z in ZOO], {
+    "timm:mobilenetv3_small_050-expandnet-cl:rate=2", "timm:mobilenetv3_small_050-expandnet-ck:mode=feature",
+    "timm:test_efficientnet-expandnet-cl:mode=feature", "timm:tf_mixnet_s-expandnet-ck:init=random",
+    "timm:resnet18-expandnet-fc:layers=2", "torchvision:shufflenet_v2_x0_5-expandnet-cl:rate=1,mode=feature"}))
 def test_zoo(model_id, kwargs, size, spec, exact, tmp_path):
     model = zoo_roundtrip(model_id, kwargs, size, spec, tmp_path, exact_start=exact)
-    assert sum(r.applied for r in model.kflo_plan) >= 1
+    assert sum(r.applied for r in kflo.record(model).plan) >= 1
 
 
 def test_cli_expand_collapse_verify_with_the_paper_recipe_file(tmp_path):
@@ -430,6 +437,7 @@ def test_nonlinear_links_start_with_he_initialisation():
     assert all(link.weight.abs().max() <= bound for link in linear[0].parametrizations.weight[0].factors)
 
 
+@pytest.mark.slow
 def test_training_the_nonlinear_counterpart_ends_without_a_collapse_and_says_why(tmp_path):
     model = kflo.expand(kflo.create_model("lenet5", num_classes=10), "expandnet-cl:mode=feature,nonlinear=relu")
     assert "+Init" in kflo.collapse_problem(model)

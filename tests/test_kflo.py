@@ -139,8 +139,11 @@ def test_roles_and_penalty_follow_the_paper():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
     kflo.expand(model, "kflo:depth=3,width=2")
     roles = kflo.param_roles(model)
-    assert roles["0.parametrizations.weight.0.w1"].weight_decay == "none"
+    # W_1 itself is not decayed: its role puts the run's decay on the composed kernel W' (a loss term)
+    assert roles["0.parametrizations.weight.0.w1"].decay_target == "composed"
+    assert roles["0.parametrizations.weight.0.w1"].weight_decay == "default"
     assert roles["0.parametrizations.weight.0.cascade.0"].weight_decay == 1e-9
+    assert roles["0.parametrizations.weight.0.cascade.0"].decay_target == "parameter"
     assert roles["0.parametrizations.weight.0.cascade.1"].kind == "kflo-cascade"
     assert roles["0.bias"].kind == "ordinary"
     wd = 5e-4
@@ -217,7 +220,7 @@ def test_modules_that_read_weight_attributes_directly():
     model.eval()
     y0 = model(x)
     kflo.expand(model, "kflo:depth=2,width=2")
-    assert {r.name for r in model.kflo_plan if r.applied} == {"self_attn.out_proj", "linear1", "linear2"}
+    assert {r.name for r in kflo.record(model).plan if r.applied} == {"self_attn.out_proj", "linear1", "linear2"}
     assert rel_err(y0, model(x)) < TOL64
     perturb(model, 0.2)
     plain = kflo.collapse(model)

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import kflo_cli as kflo
 import kflo_cli.reparam as reparam
+import kflo_cli.reparam.registry as registry
 from kflo_cli.cli import app
 from kflo_cli.errors import KfloError
 from kflo_cli.reparam import Param, RecipeSpec, recipe_from_spec
@@ -52,9 +53,9 @@ def example_entry_points() -> dict[str, str]:
 def fresh_registry(monkeypatch):
     """A registry with the built-ins only and plugins not yet loaded; restored after the test."""
     reparam.list_recipes()
-    monkeypatch.setattr(reparam, "_REGISTRY", dict(reparam._REGISTRY))
-    monkeypatch.setattr(reparam, "_PLUGINS_LOADED", False)
-    monkeypatch.setattr(reparam, "PLUGIN_ERRORS", [])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_PLUGINS_LOADED", False)
+    monkeypatch.setattr(registry, "PLUGIN_ERRORS", [])
 
 
 @pytest.fixture
@@ -77,12 +78,13 @@ def test_example_plugin_is_listed_with_parameters_and_origin(example_installed):
     r = runner.invoke(app, ["recipes"])
     assert r.exit_code == 0, r.output
     out = squash(r.stdout)
-    assert "lowrank_delta" in out and "rank=4 (int)" in out
+    assert "lowrank_delta" in out and "rank=4 (int)" in out and "decay='base' (str)" in out
     assert "plugin: kflo-example-plugin 0.1.0" in out and "kflo_example_plugin:SPEC" in out
     assert "built-in" in out and "kflo" in out and "warning" not in r.stderr
     assert kflo.get_recipe("lowrank_delta").source.startswith("plugin: kflo-example-plugin 0.1.0")
 
 
+@pytest.mark.slow
 def test_example_plugin_end_to_end_through_the_cli(example_installed, tmp_path):
     exp, plain = tmp_path / "e.safetensors", tmp_path / "p.safetensors"
     r = runner.invoke(app, ["expand", "lenet5", "--recipe", "lowrank_delta:rank=2", "--dry-run"])
@@ -108,13 +110,42 @@ def test_example_plugin_end_to_end_through_the_cli(example_installed, tmp_path):
 def test_example_plugin_from_python(example_installed):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
     kflo.expand(model, "lowrank_delta:rank=3")
-    rows = {r.name: r for r in model.kflo_plan}
+    rows = {r.name: r for r in kflo.record(model).plan}
     assert rows["0"].applied and rows["2"].applied
     roles = kflo.param_roles(model)
     assert roles["0.parametrizations.weight.0.up"].weight_decay == "none"
     assert roles["0.parametrizations.weight.0.base"].weight_decay == "default"
     rows = kflo.plan(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), "lowrank_delta:rank=2")
     assert rows[0].applied and not rows[1].applied and "not below min(out, fan) = 2" in rows[1].reason
+    bad = nn.Sequential(nn.Linear(8, 8))
+    with torch.no_grad():
+        bad[0].weight[0, 0] = float("nan")
+    with pytest.raises(kflo.KfloError, match="non-finite weights; start from a finite checkpoint or --exclude '0'"):
+        kflo.expand(bad, "lowrank_delta:rank=2")
+
+
+def test_example_plugin_gets_every_training_rule_a_built_in_has(example_installed):
+    """The trainer reads the plugin's roles and step scales exactly as a built-in recipe's: decay on a factor or on
+    the composed weight, and the modified adaptive step."""
+    from kflo_cli.train.config import TrainConfig
+    from kflo_cli.train.optim import build_param_groups, penalty_rows, total_penalty
+
+    for decay in ("base", "composed"):
+        torch.manual_seed(0)
+        model = kflo.expand(kflo.create_model("lenet5"), f"lowrank_delta:rank=2,decay={decay}")
+        cfg = TrainConfig(weight_decay=1e-3, optimizer="adamw")
+        groups = {g.label: g for g in build_param_groups(model, cfg)}
+        layers = [m for _, m, _ in kflo.rewritten_layers(model)]
+        if decay == "base":
+            assert groups["lowrank-base"].weight_decay == 1e-3
+            assert float(total_penalty(model, cfg)) == 0.0
+        else:
+            assert groups["lowrank-base (decay on composed weight)"].weight_decay == 0.0
+            expected = sum(0.5 * 1e-3 * m.weight.pow(2).sum() for m in layers)
+            assert torch.allclose(total_penalty(model, cfg), expected)
+            assert penalty_rows(model, cfg) == [("lowrank_delta: decay/2 * ||composed W||^2 (loss term)", len(layers), 1e-3)]
+        assert groups["lowrank-factor"].weight_decay == 0.0 and groups["lowrank-factor"].scaled
+        assert not groups[next(k for k in groups if k.startswith("lowrank-base"))].scaled
 
 
 def test_the_doc_shows_the_example_package_verbatim():
@@ -181,7 +212,7 @@ def test_entry_point_may_be_a_recipe_class_or_a_factory_function(tmp_path, monke
     y0 = model(x)
     kflo.expand(model, "cube")
     assert rel_err(y0, model(x)) < 1e-12
-    assert reparam.PLUGIN_ERRORS == []
+    assert registry.PLUGIN_ERRORS == []
     # Duck-typed specs (a dict, any object with the fields) with plain defaults as parameters.
     assert kflo.get_recipe("power_dict").params["alpha"].default == 2.0
     recipe = kflo.create_recipe("power_ns:alpha=1.5")
@@ -201,6 +232,7 @@ def test_recipe_from_spec_validates_fields():
         cls(q=1)
 
 
+@pytest.mark.slow
 def test_installed_with_pip_from_outside_the_package(tmp_path):
     """A real installation into a separate directory and fresh processes: what a user of a plugin does."""
     src, site = tmp_path / "src", tmp_path / "site"

@@ -9,11 +9,17 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
 from kflo_cli.train import resolve_config, start
+
+from conftest import scaled_timeout
+
+# two torchrun jobs of about half a minute each on 2 cores
+pytestmark = pytest.mark.slow
 
 OPTIONS = {"recipe": ["kflo:depth=2,width=2"], "data": "digits", "train_fraction": 0.25, "epochs": 2, "batch_size": 16,
            "threads": 1, "lr": 0.05, "ema": 0.9}
@@ -26,7 +32,7 @@ def test_two_processes_match_one(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "kflo_cli", "train", "lenet5", *CLI, "-o", str(ddp)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled_timeout(300), env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_identical"] is True
@@ -34,7 +40,7 @@ def test_two_processes_match_one(tmp_path):
     assert proc.stdout.count("run summary") == 1  # only rank 0 prints and writes
 
     single = start(resolve_config({"source": "lenet5", **OPTIONS}), tmp_path / "single", console=Console(file=io.StringIO()), progress=False)
-    assert single.summary["steps"] == summary["steps"]
+    assert single.summary.steps == summary["steps"]
     a, b = load_file(str(ddp / "last.safetensors")), load_file(str(tmp_path / "single" / "last.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
@@ -59,7 +65,7 @@ def test_ema_numbers_under_ddp_are_those_of_the_saved_ema(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kflo_cli",
            "train", "smallnet_k3", "--recipe", "kflo", "--data", "synthetic", "--epochs", "1", "--batch-size", "32",
            "--threads", "1", "--ema", "0.5", "--collapse-from", "ema", "-o", str(run)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled_timeout(300), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     in_chans, img_size = load_state(run)["info"]["data_args"]
     data = load_data(load_config(run), in_chans=in_chans, img_size=img_size)

@@ -85,18 +85,21 @@ def test_each_recipe_family_trains_collapses_and_verifies(tmp_path, model, recip
     for name in ("config.json", "state.safetensors", "last.safetensors", "best.safetensors", "metrics.jsonl",
                  "metrics.csv", "curves.png", "summary.json"):
         assert (run / name).is_file(), name
-    assert json.loads((run / "summary.json").read_text())["steps"] == s["steps"] == 6
+    assert json.loads((run / "summary.json").read_text())["steps"] == s.steps == 6
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 1 and {"train_loss", "train_acc", "test_loss", "test_acc", "lr"} <= set(history[0])
     assert (run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,step,lr,train_loss")
     assert json.loads((run / "config.json").read_text()) == config.to_dict()
     last = kflo.load(run / "last.safetensors")
     if recipe is None:
-        assert s["kind"] == "vanilla" and "collapsed" not in s and not (run / "collapsed.safetensors").exists()
+        assert s.kind == "vanilla" and s.collapsed is None and not (run / "collapsed.safetensors").exists()
+        assert "collapsed" not in json.loads((run / "summary.json").read_text())  # the keys of earlier versions
         return
     assert kflo.is_expanded(last)
-    c = s["collapsed"]
-    assert c["verification"]["passed"] and c["strict_load"]
+    c = s.collapsed
+    assert c.verification.passed and c.strict_load
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved == json.loads(s.to_json()) and saved["collapsed"]["from"] == c.collapsed_from and "not_collapsed" not in saved
     # the deployed artifact: loads strictly into the untouched architecture and reproduces the reported accuracy
     plain = kflo.create_model(model, num_classes=3, in_chans=data_kw.get("chans", 1))
     plain.load_state_dict(load_file(str(run / "collapsed.safetensors")), strict=True)
@@ -104,7 +107,7 @@ def test_each_recipe_family_trains_collapses_and_verifies(tmp_path, model, recip
     test = tiny(**data_kw).test
     with torch.no_grad():
         acc = 100.0 * (plain(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean().item()
-    assert acc == pytest.approx(c["test_acc"])
+    assert acc == pytest.approx(c.test_acc)
     assert json.loads((run / "verification.json").read_text())["verification"]["passed"]
 
 
@@ -113,6 +116,7 @@ def _final(run_dir):
     return state, {**{f"model/{k}": v for k, v in state["model"].items()}, **{f"ema/{k}": v for k, v in (state["ema"] or {}).items()}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, recipe", [("sgd", "kflo"), ("adamw", "compander:learnable=fine")])
 def test_interrupted_and_resumed_runs_end_bit_identical(tmp_path, optimizer, recipe):
     # 3 epochs of 6 steps; warmup, momentum/Adam moments, EMA and augmentation randomness all carry state
@@ -184,7 +188,7 @@ def test_knowledge_distillation(tmp_path):
     plain = start(cfg(epochs=1, recipe=["kflo"]), tmp_path / "plain", data=tiny(), **QUIET)
     kd_loss = json.loads((tmp_path / "student" / "metrics.jsonl").read_text())["train_loss"]
     ce_loss = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text())["train_loss"]
-    assert kd_loss != ce_loss and result.summary["collapsed"]["verification"]["passed"] and plain.summary["steps"] == 6
+    assert kd_loss != ce_loss and result.summary.collapsed.verification.passed and plain.summary.steps == 6
 
 
 def test_checkpoint_sources(tmp_path):
@@ -194,13 +198,13 @@ def test_checkpoint_sources(tmp_path):
     kflo.save(kflo.expand(plain, "kflo:depth=2,width=2"), tmp_path / "expanded.safetensors")
     # an expanded checkpoint trains as it is, with its recipe recorded
     result = start(cfg(source=str(tmp_path / "expanded.safetensors"), epochs=1), tmp_path / "a", data=tiny(), **QUIET)
-    assert result.summary["kind"] == "expanded" and result.summary["collapsed"]["verification"]["passed"]
+    assert result.summary.kind == "expanded" and result.summary.collapsed.verification.passed
     assert kflo.read_metadata(tmp_path / "a" / "last.safetensors")["recipes"][0]["params"] == {"depth": 2, "width": 2.0}
     with pytest.raises(KfloError, match="already expanded"):
         start(cfg(source=str(tmp_path / "expanded.safetensors"), recipe=["kflo"]), tmp_path / "b", data=tiny(), **QUIET)
     # a plain checkpoint is expanded on the fly, starting from exactly its function
     result = start(cfg(source=str(tmp_path / "plain.safetensors"), epochs=1, recipe=["kflo"]), tmp_path / "c", data=tiny(), **QUIET)
-    assert result.summary["kind"] == "expanded"
+    assert result.summary.kind == "expanded"
     with pytest.raises(KfloError, match="does not fit"):
         start(cfg(source=str(tmp_path / "plain.safetensors")), tmp_path / "d", data=tiny(classes=4), **QUIET)
 
@@ -225,3 +229,23 @@ def test_sigterm_finishes_the_step_and_saves(tmp_path):
     assert saved["global_step"] == info.value.step >= 1 and not saved["finished"]
     resume(tmp_path / "run", data=tiny(), **QUIET)
     assert load_state(tmp_path / "run")["info"]["finished"]
+
+
+def test_config_json_of_earlier_versions_still_resumes(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        start(cfg(epochs=1), run, data=tiny(), stop_after_steps=2, **QUIET)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["init_from"] == [] and saved["init_from_expanded"] is None and saved["from_recipe_file"] == {}
+    # before the redesign: decay_on was a training option, init_from one path or null, no newer keys
+    old = {k: v for k, v in saved.items() if k not in ("init_from_expanded", "from_recipe_file")}
+    (run / "config.json").write_text(json.dumps({**old, "decay_on": "composed", "init_from": None}))
+    with pytest.raises(KfloError, match=r"decay_on = \"composed\".*--recipe expandnet-ck:decay=composed"):
+        resume(run, data=tiny(), **QUIET)
+    (run / "config.json").write_text(json.dumps({**old, "decay_on": "factors", "init_from": None}))
+    assert resume(run, data=tiny(), **QUIET).summary.steps == 6
+    from kflo_cli.train.config import config_from_dict
+
+    assert config_from_dict({**old, "init_from": "plain.safetensors"}, "config.json").init_from == ["plain.safetensors"]
+    with pytest.raises(KfloError, match="no longer a training option; .*expandnet-ck:decay=composed"):
+        resolve_config({"decay_on": "composed"})

@@ -3,6 +3,7 @@ AMP/clip/step ordering, EMA, configuration precedence, RNG state and the batch p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -22,11 +23,13 @@ from kflo_cli.train.optim import (
     Schedule,
     build_optimizer,
     build_param_groups,
-    composed_decay_layers,
     optimizer_step,
+    penalty_rows,
     total_penalty,
 )
 from kflo_cli.train.state import capture_rng, restore_rng
+
+from recipe_checks import builtin_recipe_names, expand_first_applicable
 
 
 def decays(model: nn.Module, config: TrainConfig) -> dict[str, tuple[str, float, bool]]:
@@ -66,13 +69,13 @@ def test_kflo_groups_and_penalty_match_the_paper():
     w1 = [n for n in got if n.endswith(".w1")]
     cascade = [n for n in got if ".cascade." in n]
     assert len(w1) == 5 and len(cascade) == 10  # 5 layers, B - 1 = 2 cascade matrices each
-    assert all(got[n][1] == 0.0 and got[n][0] == "kflo-w1" for n in w1)
+    assert all(got[n][1] == 0.0 and got[n][0] == "kflo-w1 (decay on composed weight)" for n in w1)
     assert all(got[n][1] == 1e-9 and got[n][0] == "kflo-cascade" for n in cascade)
     assert all(got[n][1] == 0.0 for n in got if n.endswith(".bias"))
     # the vanilla decay sits on the composed kernels, with the 1/2 of SGD's convention
     layers = [m for _, m, _ in kflo.rewritten_layers(model)]
     expected = sum(0.5 * 5e-4 * m.weight.pow(2).sum() for m in layers)
-    penalty = total_penalty(model, cfg, composed_decay_layers(model, cfg))
+    penalty = total_penalty(model, cfg)
     assert torch.allclose(penalty, expected, rtol=1e-6)
     penalty.backward()
     conv = model.features[0]
@@ -91,7 +94,7 @@ def test_compander_fixed_decays_psi_not_v():
     assert v and all(got[n][1] == 0.0 for n in v)
     layers = [m for _, m, _ in kflo.rewritten_layers(model)]
     expected = sum(0.5 * 1e-4 * m.weight.pow(2).sum() for m in layers)
-    assert torch.allclose(total_penalty(model, cfg, []), expected, rtol=1e-6)
+    assert torch.allclose(total_penalty(model, cfg), expected, rtol=1e-6)
 
 
 def test_compander_learnable_decays_v_only_and_scales_adam_steps():
@@ -104,15 +107,16 @@ def test_compander_learnable_decays_v_only_and_scales_adam_steps():
             assert not sgd[name][2]  # SGD already gets Psi'(v) from the chain rule
         elif name.endswith((".a", ".b")):
             assert wd == 0.0 and not scaled
-    assert float(total_penalty(model, TrainConfig(weight_decay=1e-4), [])) == 0.0
+    assert float(total_penalty(model, TrainConfig(weight_decay=1e-4))) == 0.0
 
 
 class _TwoFactor(nn.Module):
-    """W = A @ B on the flattened kernel, with ExpandNet's role kind: a stand-in for any factorised recipe."""
+    """W = A @ B on the flattened kernel: a stand-in for any factorised plugin recipe."""
 
-    def __init__(self, shape: torch.Size) -> None:
+    def __init__(self, shape: torch.Size, target: str) -> None:
         super().__init__()
         self.shape = tuple(shape)
+        self.target = target
         out, fan = shape[0], math.prod(shape[1:])
         self.a = nn.Parameter(torch.empty(out, out))
         self.b = nn.Parameter(torch.empty(out, fan))
@@ -127,41 +131,57 @@ class _TwoFactor(nn.Module):
         return ()
 
     def roles(self) -> dict[str, ParamRole]:
-        return {"a": ParamRole("expandnet-factor"), "b": ParamRole("expandnet-factor")}
+        return {"a": ParamRole("two-factor", decay_target=self.target), "b": ParamRole("two-factor", decay_target=self.target)}
 
 
 class _TwoFactorRecipe(WeightRecipe):
+    """A plugin-style recipe whose own parameter says where the decay goes: the trainer knows no recipe names."""
+
     name = "two-factor-test"
+    params = {"decay": kflo.Param(str, "parameter", "where the decay goes", choices=("parameter", "composed"))}
 
-    def make_parametrization(self, name, module):
-        return _TwoFactor(module.weight.shape)
+    def make_parametrization(self, layer):
+        return _TwoFactor(layer.module.weight.shape, self.values["decay"])
 
 
-def test_decay_on_composed_moves_factor_decay_onto_the_product():
+def test_a_role_moves_factor_decay_onto_the_product():
     torch.manual_seed(0)
     model = kflo.expand(kflo.create_model("lenet5"), _TwoFactorRecipe())
     factors = decays(model, TrainConfig(weight_decay=5e-4))
     assert all(wd == 5e-4 for n, (_, wd, _) in factors.items() if n.endswith((".a", ".b")))
-    cfg = TrainConfig(weight_decay=5e-4, decay_on="composed")
+    assert float(total_penalty(model, TrainConfig(weight_decay=5e-4))) == 0.0
+    model = kflo.expand(kflo.create_model("lenet5"), _TwoFactorRecipe(decay="composed"))
+    cfg = TrainConfig(weight_decay=5e-4)
     composed = decays(model, cfg)
     assert all(wd == 0.0 for n, (_, wd, _) in composed.items() if n.endswith((".a", ".b")))
-    layers = composed_decay_layers(model, cfg)
+    layers = [m for _, m, _ in kflo.rewritten_layers(model)]
     assert len(layers) == 5
-    expected = sum(0.5 * 5e-4 * m.weight.pow(2).sum() for _, m in layers)
-    assert torch.allclose(total_penalty(model, cfg, layers), expected, rtol=1e-6)
+    expected = sum(0.5 * 5e-4 * m.weight.pow(2).sum() for m in layers)
+    assert torch.allclose(total_penalty(model, cfg), expected, rtol=1e-6)
+    assert penalty_rows(model, cfg) == [("two-factor-test: decay/2 * ||composed W||^2 (loss term)", 5, 5e-4)]
 
 
-def test_groups_cover_every_trainable_parameter_once_for_every_recipe():
-    for cls in kflo.list_recipes():
-        torch.manual_seed(0)
-        model = kflo.create_model("smallnet_k3", num_classes=10)
-        try:
-            kflo.expand(model, cls())
-        except KfloError:
-            continue  # the recipe does not apply to this model
-        for opt in ("sgd", "adamw"):
-            got = decays(model, TrainConfig(optimizer=opt))
-            assert set(got) == {n for n, p in model.named_parameters() if p.requires_grad}, cls.name
+@pytest.mark.parametrize("decay", ["factors", "composed"])
+def test_expandnet_decay_parameter(decay):
+    torch.manual_seed(0)
+    model = kflo.expand(kflo.create_model("smallnet_k7", num_classes=10), f"expandnet-ck:decay={decay}")
+    cfg = TrainConfig(weight_decay=5e-4)
+    got = decays(model, cfg)
+    factors = [n for n in got if ".factors." in n and n.endswith(".weight")]
+    assert len(factors) == 9  # 3 convolutions, each a chain of (7 - 1) / 2 = 3 links
+    assert all(got[n][1] == (5e-4 if decay == "factors" else 0.0) for n in factors)
+    layers = [m for _, m, _ in kflo.rewritten_layers(model)]
+    expected = sum(0.5 * 5e-4 * m.weight.pow(2).sum() for m in layers) if decay == "composed" else torch.zeros(())
+    assert torch.allclose(total_penalty(model, cfg), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", builtin_recipe_names())
+def test_groups_cover_every_trainable_parameter_once_for_every_recipe(recipe):
+    # on the first tiny model the recipe rewrites a layer of; a recipe that applies to none of them fails
+    _, model = expand_first_applicable(recipe)
+    for opt in ("sgd", "adamw"):
+        got = decays(model, TrainConfig(optimizer=opt))
+        assert set(got) == {n for n, p in model.named_parameters() if p.requires_grad}, recipe
 
 
 # -- the modified adaptive step --------------------------------------------------------------------------------
@@ -181,7 +201,7 @@ def _adam_reference(v, grads_psi, scales, lr, wd, betas, eps):
 def test_modified_adaptive_step_matches_a_hand_written_reference():
     torch.manual_seed(0)
     model = kflo.expand(nn.Sequential(nn.Linear(6, 3)), "compander:learnable=fine,b=0.5")
-    model.kflo_model_id = "test"
+    kflo.set_record(model, dataclasses.replace(kflo.record(model), model_id="test"))
     cfg = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1, betas=[0.9, 0.99], eps=1e-8)
     groups = build_param_groups(model, cfg)
     opt = build_optimizer(groups, cfg)
@@ -238,8 +258,7 @@ def test_step_order_unscales_before_clipping():
     opt = torch.optim.SGD([w], lr=1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = w.detach().clone()
-    out = optimizer_step(loss_fn(), opt, [w], scaler=scaler, clip_norm=1.0)
-    assert out.stepped and out.grad_norm == pytest.approx(float(true_grad.norm()), rel=1e-6)
+    optimizer_step(loss_fn(), opt, [w], scaler=scaler, clip_norm=1.0)
     # the update is the true gradient clipped to norm 1: clipping saw unscaled gradients
     assert torch.allclose(before - w.detach(), true_grad / true_grad.norm(), rtol=1e-5)
     assert w.grad is None  # gradients cleared after the step
@@ -250,8 +269,8 @@ def test_step_is_skipped_on_inf_gradients():
     opt = torch.optim.SGD([w], lr=1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = w.detach().clone()
-    out = optimizer_step((w * torch.tensor([float("inf"), 1.0])).sum(), opt, [w], scaler=scaler, clip_norm=1.0)
-    assert not out.stepped and torch.equal(w.detach(), before)
+    optimizer_step((w * torch.tensor([float("inf"), 1.0])).sum(), opt, [w], scaler=scaler, clip_norm=1.0)
+    assert torch.equal(w.detach(), before)
     assert scaler.get_scale() < 2.0**10
 
 
@@ -259,8 +278,8 @@ def test_step_without_scaler_or_clip_is_plain_sgd():
     w, loss_fn = _quadratic([3.0, 4.0])
     opt = torch.optim.SGD([w], lr=0.01)
     expected = w.detach() - 0.01 * 10.0 * (w.detach() - torch.tensor([1.0, -2.0]))
-    out = optimizer_step(loss_fn(), opt, [w])
-    assert out.grad_norm is None and torch.allclose(w.detach(), expected)
+    optimizer_step(loss_fn(), opt, [w])
+    assert torch.allclose(w.detach(), expected)
 
 
 # -- EMA --------------------------------------------------------------------------------------------------------

@@ -1,256 +1,43 @@
-"""Recipe registry: register, list, get and create recipes; parse ``NAME:key=value,...`` specs.
-
-Built-in recipes register themselves on import of their module. Third-party recipes come through the
-``kflo.recipes`` entry-point group (see docs/writing-a-recipe.md).
+"""Recipes: the contract (:mod:`.base`), the registry (:mod:`.registry`), helpers for layers (:mod:`.layers`) and
+one module per recipe (``kflo.py``, ``expandnet.py``, ``doconv.py``, ``acnet.py``, ``compander.py``,
+``powerprop.py``, ``weightnorm.py``). See docs/architecture.md and docs/writing-a-recipe.md.
 """
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
-
-from ..errors import KfloError
 from .base import (
+    CONV_TYPES,
+    FILTER_TYPES,
     ORDINARY,
-    RECIPE_ATTR,
-    LayerPlan,
+    LayerContext,
     Param,
     ParamRole,
     Recipe,
     WeightRecipe,
-    round_half_up,
-    weight_space_problem,
+)
+from .layers import padding_kind, restore_plain, round_half_up, weight_space_problem
+from .registry import (
+    ENTRY_POINT_GROUP,
+    PLUGIN_ERRORS,
+    RecipeSpec,
+    as_spec,
+    create_recipe,
+    get_recipe,
+    list_recipes,
+    parse_spec,
+    recipe_from_spec,
+    register_recipe,
 )
 
-_REGISTRY: dict[str, type[Recipe]] = {}
-_PLUGINS_LOADED = False
-#: Problems met while loading plugins, as (entry point, message); `kflo recipes` reports them.
-PLUGIN_ERRORS: list[tuple[str, str]] = []
-
-ENTRY_POINT_GROUP = "kflo.recipes"
-
-
-def register_recipe(cls: type[Recipe], *, source: str = "built-in", replace: bool = False) -> type[Recipe]:
-    """Register a recipe class under ``cls.name``. Usable as a decorator.
-
-    Raises:
-        KfloError: the name is empty or already registered (unless ``replace``).
-    """
-    if not isinstance(cls, type) or not issubclass(cls, Recipe):
-        raise KfloError(f"{cls!r} is not a Recipe subclass; derive recipes from kflo_cli.reparam.Recipe")
-    if not cls.name:
-        raise KfloError(f"recipe class {cls.__name__} has no name; set the class attribute `name`")
-    if cls.name in _REGISTRY and not replace and _REGISTRY[cls.name] is not cls:
-        raise KfloError(f"a recipe named '{cls.name}' is already registered ({_REGISTRY[cls.name].source})")
-    cls.source = source
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _ensure_loaded() -> None:
-    from .._builtin_recipes import load_builtin_recipes
-
-    load_builtin_recipes()
-    _load_plugins()
-
-
-def _load_plugins() -> None:
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED:
-        return
-    _PLUGINS_LOADED = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-            if callable(obj) and not isinstance(obj, type) and as_spec(obj) is None:
-                obj = obj()
-            spec = as_spec(obj)
-            if spec is not None:
-                obj = recipe_from_spec(spec)
-            if not (isinstance(obj, type) and issubclass(obj, Recipe)):
-                raise TypeError(f"resolves to {obj!r}, neither a recipe spec nor a Recipe subclass")
-            register_recipe(obj, source=_plugin_source(ep))
-        except Exception as exc:  # a broken plugin must never break the CLI
-            PLUGIN_ERRORS.append((ep.name, f"{type(exc).__name__}: {exc}"))
-
-
-def _plugin_source(ep: Any) -> str:
-    """``plugin: <distribution> <version> (<module:attr>)``, or without the distribution when unknown."""
-    dist = getattr(ep, "dist", None)
-    name = dist.metadata["Name"] if dist is not None else None
-    return f"plugin: {name} {dist.version} ({ep.value})" if name else f"plugin: {ep.value}"
-
-
-@dataclass(frozen=True)
-class RecipeSpec:
-    """A weight-space recipe declared without subclassing; what a ``kflo.recipes`` entry point may resolve to.
-
-    Attributes:
-        name: the recipe's name in specs (``NAME:key=value,...``): no ``:``, ``,``, ``=`` or spaces.
-        description: one line for ``kflo recipes``.
-        params: parameter name -> :class:`Param` (type, default, help, optional check and choices), or a plain
-            bool/int/float/str default.
-        factory: ``factory(module, **values) -> nn.Module`` builds one layer's parametrization: its
-            ``forward()`` returns the effective weight, its ``right_inverse(weight)`` initialises its own
-            parameters from the layer's weight and returns ``()``, and an optional ``roles()`` names their
-            :class:`ParamRole` (the contract of :meth:`WeightRecipe.make_parametrization`).
-        skip: optional ``skip(name, module, **values) -> str | None``, a reason to leave a layer alone
-            (called after the generic checks; Conv1d/2d/3d and Linear layers are considered).
-
-    Entry points may also resolve to any mapping or object with these fields (see :func:`as_spec`).
-
-    Example (``docs/writing-a-recipe.md`` has the complete package)::
-
-        SPEC = RecipeSpec(name="lowrank_delta", description="...", params={"rank": Param(int, 4, "...")},
-                          factory=lambda module, rank: LowRankDelta(module.weight.shape, rank))
-    """
-
-    name: str
-    description: str
-    params: Mapping[str, Param]
-    factory: Callable[..., Any]
-    skip: Callable[..., str | None] | None = None
-
-
-_SPEC_FIELDS = ("name", "description", "params", "factory", "skip")
-
-
-def as_spec(obj: Any) -> RecipeSpec | None:
-    """``obj`` as a :class:`RecipeSpec`: a RecipeSpec itself, or any mapping or object with a ``name`` and a
-    ``factory`` (and optionally ``description``, ``params``, ``skip``); ``None`` for anything else."""
-    if isinstance(obj, RecipeSpec):
-        return obj
-    if isinstance(obj, type):
-        return None
-    if isinstance(obj, Mapping):
-        fields = {k: obj[k] for k in _SPEC_FIELDS if k in obj}
-    else:
-        fields = {k: getattr(obj, k) for k in _SPEC_FIELDS if hasattr(obj, k)}
-    if "name" not in fields or "factory" not in fields:
-        return None
-    fields.setdefault("description", "")
-    fields.setdefault("params", {})
-    return RecipeSpec(**fields)
-
-
-def _as_param(name: str, value: Any) -> Param:
-    """A spec's parameter: a :class:`Param`, or a plain bool/int/float/str default (typed by that value)."""
-    if isinstance(value, Param):
-        return value
-    if isinstance(value, (bool, int, float, str)):
-        return Param(type(value), value, f"{type(value).__name__}, default {value!r}")
-    raise TypeError(f"parameter '{name}' must be a kflo_cli.reparam.Param or a bool/int/float/str default, got {value!r}")
-
-
-def recipe_from_spec(spec: RecipeSpec) -> type[Recipe]:
-    """The :class:`WeightRecipe` subclass a :class:`RecipeSpec` describes.
-
-    Raises:
-        TypeError: a field has the wrong type (the plugin loader reports it and skips the plugin).
-    """
-    if not isinstance(spec.name, str) or not spec.name or any(c in spec.name for c in ":,= "):
-        raise TypeError(f"RecipeSpec name {spec.name!r} must be a non-empty string without ':', ',', '=' or spaces")
-    if not isinstance(spec.description, str):
-        raise TypeError(f"RecipeSpec '{spec.name}': description must be a string")
-    if not isinstance(spec.params, Mapping) or not all(isinstance(k, str) for k in spec.params):
-        raise TypeError(f"RecipeSpec '{spec.name}': params must map parameter names to kflo_cli.reparam.Param")
-    params = {k: _as_param(k, v) for k, v in spec.params.items()}
-    if not callable(spec.factory) or (spec.skip is not None and not callable(spec.skip)):
-        raise TypeError(f"RecipeSpec '{spec.name}': factory (and skip, if given) must be callable")
-
-    def make_parametrization(self: WeightRecipe, name: str, module: Any) -> Any:
-        return spec.factory(module, **self.values)
-
-    def skip_reason(self: WeightRecipe, name: str, module: Any, model: Any) -> str | None:
-        problem = weight_space_problem(module)
-        if problem is None and spec.skip is not None:
-            problem = spec.skip(name, module, **self.values)
-        return problem
-
-    attrs = {
-        "name": spec.name,
-        "description": spec.description,
-        "params": params,
-        "make_parametrization": make_parametrization,
-        "skip_reason": skip_reason,
-        "__doc__": spec.description,
-        "__module__": getattr(spec.factory, "__module__", __name__),
-    }
-    return type(f"SpecRecipe_{spec.name}", (WeightRecipe,), attrs)
-
-
-def list_recipes() -> list[type[Recipe]]:
-    """All registered recipe classes, sorted by name."""
-    _ensure_loaded()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
-
-
-def get_recipe(name: str) -> type[Recipe]:
-    """The recipe class registered as ``name``; unknown names raise with close matches."""
-    _ensure_loaded()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        broken = [problem for ep_name, problem in PLUGIN_ERRORS if ep_name == name]
-        if broken:
-            raise KfloError(f"recipe '{name}' comes from a plugin that failed to load ({broken[0]}); "
-                            "fix or reinstall that plugin") from None
-        by_lower = {k.lower(): k for k in _REGISTRY}
-        close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=5, cutoff=0.5)
-        close = [by_lower[c] for c in close]
-        hint = f"did you mean: {', '.join(close)}?" if close else f"known recipes: {', '.join(sorted(_REGISTRY))}"
-        raise KfloError(f"unknown recipe '{name}'; {hint} (`kflo recipes` lists them)") from None
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """Split ``NAME`` or ``NAME:key=value,key=value`` into the name and a dict of raw values.
-
-    >>> parse_spec("kflo:depth=3,width=2")
-    ('kflo', {'depth': '3', 'width': '2'})
-    """
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip()
-    if not name:
-        raise KfloError(f"recipe spec '{spec}' has no name; write NAME or NAME:key=value,key=value")
-    values: dict[str, str] = {}
-    if rest.strip():
-        for item in rest.split(","):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise KfloError(f"recipe spec '{spec}': '{item}' is not key=value; write NAME:key=value,key=value")
-            if key.strip() in values:
-                raise KfloError(f"recipe spec '{spec}' sets '{key.strip()}' twice; give each parameter once")
-            values[key.strip()] = value.strip()
-    return name, values
-
-
-def create_recipe(spec: str | dict[str, Any] | Recipe) -> Recipe:
-    """Build a recipe instance from a spec string, a dict (``{"name": ..., **params}``) or an instance."""
-    if isinstance(spec, Recipe):
-        return spec
-    if isinstance(spec, dict):
-        values = dict(spec)
-        name = values.pop("name", None)
-        if not name:
-            raise KfloError(f"recipe entry {spec} has no 'name'; add name = \"kflo\" (or another recipe)")
-        values.pop("include", None)
-        values.pop("exclude", None)
-        return get_recipe(str(name))(**values)
-    name, values = parse_spec(spec)
-    return get_recipe(name)(**values)
-
-
 __all__ = [
+    "CONV_TYPES",
     "ENTRY_POINT_GROUP",
-    "LayerPlan",
+    "FILTER_TYPES",
+    "LayerContext",
     "ORDINARY",
     "PLUGIN_ERRORS",
     "Param",
     "ParamRole",
-    "RECIPE_ATTR",
     "Recipe",
     "RecipeSpec",
     "WeightRecipe",
@@ -258,8 +45,11 @@ __all__ = [
     "create_recipe",
     "get_recipe",
     "list_recipes",
+    "padding_kind",
     "parse_spec",
     "recipe_from_spec",
     "register_recipe",
+    "restore_plain",
     "round_half_up",
+    "weight_space_problem",
 ]

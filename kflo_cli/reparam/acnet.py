@@ -14,20 +14,20 @@ skipped with the reason in the plan, so the collapsed checkpoint always has the 
 from __future__ import annotations
 
 import math
-import weakref
-from collections import Counter, defaultdict
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import KfloError
-from . import register_recipe
-from .base import Param, Recipe, padding_kind, tensors_in, weight_space_problem
+from .base import LayerContext, Param, Recipe
+from .dataflow import Consumer, find_bn_consumers
+from .layers import padding_kind, weight_space_problem
+from .registry import register_recipe
 
-NOT_CONSUMED = "its output is not consumed by a BatchNorm alone"
+if TYPE_CHECKING:
+    from ..record import LayerRecord
 
 #: Branch BatchNorm weights (gamma) of the k x k, 1 x k and k x 1 branches for each ``bn_init``.
 BN_INITS = {"standard": (1.0, 1.0, 1.0), "third": (1 / 3, 1 / 3, 1 / 3), "single": (1.0, 0.0, 0.0)}
@@ -43,136 +43,6 @@ def tf_same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[i
         pads.append((total // 2, total - total // 2))
     (top, bottom), (left, right) = pads
     return left, right, top, bottom
-
-
-def _is_foldable_bn(module: nn.Module) -> bool:
-    """BatchNorms whose eval-mode output depends on ``running_mean`` as ``(x - running_mean) * scale + shift``."""
-    if isinstance(module, _BatchNorm):
-        return True
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return False
-    return isinstance(module, FrozenBatchNorm2d)
-
-
-class Consumer(NamedTuple):
-    """The BatchNorm that alone consumes a convolution's output (``bn``), or why there is none (``reason``)."""
-
-    bn: str | None
-    reason: str = ""
-
-
-
-def _consumers_by_autograd(model: nn.Module, names: list[str], input_size: tuple[int, ...]) -> dict[str, Consumer]:
-    """Run one eval-mode forward and read the autograd graph.
-
-    A convolution's output node must be referenced exactly once in the whole graph (no other use, not a model
-    output), and that one reference must come from a BatchNorm module whose input is that node; both modules
-    must run exactly once.
-    """
-    bns = {n: m for n, m in model.named_modules() if _is_foldable_bn(m)}
-    conv_nodes: dict[str, list] = defaultdict(list)
-    bn_inputs: dict[str, list] = defaultdict(list)
-    handles = []
-    for n in names:
-        handles.append(model.get_submodule(n).register_forward_hook(
-            lambda mod, inp, out, n=n: conv_nodes[n].append(out.grad_fn if isinstance(out, torch.Tensor) else None)))
-    for n, m in bns.items():
-        handles.append(m.register_forward_pre_hook(
-            lambda mod, inp, n=n: bn_inputs[n].append(inp[0].grad_fn if inp and isinstance(inp[0], torch.Tensor) else None)))
-    param = next(model.parameters())
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((1, *input_size), generator=gen).to(device=param.device, dtype=param.dtype).requires_grad_(True)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    uses: Counter = Counter()
-    stack = [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None]
-    uses.update(stack)
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for nxt, _ in node.next_functions:
-            if nxt is not None:
-                uses[nxt] += 1
-                stack.append(nxt)
-    result = {}
-    for n in names:
-        calls = conv_nodes.get(n, [])
-        if len(calls) != 1:
-            result[n] = Consumer(None, f"it runs {len(calls)} times in one forward pass")
-            continue
-        node = calls[0]
-        readers = [b for b, inputs in bn_inputs.items() if any(g is node for g in inputs)]
-        if node is None:
-            result[n] = Consumer(None, "its output carries no gradient, so its consumers cannot be followed")
-        elif uses[node] != 1 or len(readers) != 1:
-            result[n] = Consumer(None, NOT_CONSUMED)
-        elif len(bn_inputs[readers[0]]) != 1:
-            result[n] = Consumer(None, f"the BatchNorm '{readers[0]}' after it runs {len(bn_inputs[readers[0]])} times")
-        else:
-            result[n] = Consumer(readers[0])
-    return result
-
-
-def _consumers_by_fx(model: nn.Module, names: list[str]) -> dict[str, Consumer]:
-    """Trace the model symbolically (convolutions and BatchNorms as leaves) and read the graph's users."""
-    import torch.fx
-
-    class LeafTracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, nn.Conv2d) or _is_foldable_bn(m) or super().is_leaf_module(m, qualname)
-
-    graph = LeafTracer().trace(model)
-    calls: dict[str, list] = defaultdict(list)
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target].append(node)
-    result = {}
-    for n in names:
-        if len(calls[n]) != 1:
-            result[n] = Consumer(None, f"it runs {len(calls[n])} times in one forward pass")
-            continue
-        users = list(calls[n][0].users)
-        target = users[0].target if len(users) == 1 and users[0].op == "call_module" else None
-        if target is None or not _is_foldable_bn(model.get_submodule(target)):
-            result[n] = Consumer(None, NOT_CONSUMED)
-        elif len(calls[target]) != 1:
-            result[n] = Consumer(None, f"the BatchNorm '{target}' after it runs {len(calls[target])} times")
-        else:
-            result[n] = Consumer(target)
-    return result
-
-
-def find_bn_consumers(model: nn.Module, names: list[str], input_size: tuple[int, ...] | None = None) -> dict[str, Consumer]:
-    """For each named ``Conv2d``: the BatchNorm that alone consumes its output, or why there is none.
-
-    The data flow is read from the autograd graph of one eval-mode forward pass at ``input_size`` (default: the
-    model's configured input size); if that forward fails, from a ``torch.fx`` symbolic trace. If both fail,
-    every layer gets the reason.
-    """
-    from ..models import default_input_size
-
-    size = tuple(input_size) if input_size else default_input_size(model)
-    try:
-        return _consumers_by_autograd(model, names, size)
-    except Exception as forward_error:  # noqa: BLE001  (any model code may fail on a dummy input)
-        try:
-            return _consumers_by_fx(model, names)
-        except Exception as trace_error:  # noqa: BLE001
-            reason = (f"the model's data flow could not be followed (forward at {size}: "
-                      f"{type(forward_error).__name__}; torch.fx: {type(trace_error).__name__})")
-            return {n: Consumer(None, reason) for n in names}
 
 
 class ACBlock(nn.Module):
@@ -282,10 +152,6 @@ class ACNet(Recipe):
         "affine": Param(bool, True, "whether the branch BatchNorms have a learnable gamma and beta"),
     }
 
-    def __init__(self, **values: Any) -> None:
-        super().__init__(**values)
-        self._flow: tuple[weakref.ref, dict[str, Consumer]] | None = None
-
     def validate(self) -> None:
         if not self.values["affine"] and self.values["bn_init"] != "standard":
             raise KfloError(f"recipe 'acnet': bn_init={self.values['bn_init']} sets BatchNorm gammas, which "
@@ -309,39 +175,39 @@ class ACNet(Recipe):
             return f"{type(module).__name__} has its own forward; ACNet handles nn.Conv2d and timm's Conv2dSame"
         return None
 
-    def _consumers(self, model: nn.Module) -> dict[str, Consumer]:
-        """The data-flow analysis of ``model``, computed once for all bias-less candidate layers."""
-        if self._flow is not None and self._flow[0]() is model:
-            return self._flow[1]
-        names = [n for n, m in model.named_modules()
-                 if n and isinstance(m, nn.Conv2d) and m.bias is None and self._shape_problem(m) is None]
-        flow = find_bn_consumers(model, names) if names else {}
-        self._flow = (weakref.ref(model), flow)
-        return flow
+    def _consumers(self, layer: LayerContext) -> dict[str, Consumer]:
+        """The data-flow analysis of the model, computed once per expansion for all bias-less candidate layers."""
+        if "flow" not in layer.shared:
+            names = [n for n, m in layer.model.named_modules()
+                     if n and isinstance(m, nn.Conv2d) and m.bias is None and self._shape_problem(m) is None]
+            layer.shared["flow"] = find_bn_consumers(layer.model, names) if names else {}
+        return layer.shared["flow"]
 
-    def skip_reason(self, name: str, module: nn.Module, model: nn.Module) -> str | None:
-        problem = self._shape_problem(module)
-        if problem or module.bias is not None:
+    def skip_reason(self, layer: LayerContext) -> str | None:
+        problem = self._shape_problem(layer.module)
+        if problem or layer.module.bias is not None:
             return problem
-        found = self._consumers(model)[name]
+        found = self._consumers(layer)[layer.name]
         return None if found.bn else f"no bias and {found.reason}, so the folded bias has nowhere to go"
 
-    def expand_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
-        consumer = None if module.bias is not None else self._consumers(model)[name].bn
+    def expand_layer(self, layer: LayerContext) -> nn.Module:
+        module = layer.module
+        consumer = None if module.bias is not None else self._consumers(layer)[layer.name].bn
         return ACBlock(module, affine=self.values["affine"], bn_init=self.values["bn_init"], consumer=consumer)
 
-    def collapse_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
-        kernel, bias = module.fused()
-        conv = module.square
+    def collapse_layer(self, layer: LayerContext, original: "LayerRecord") -> nn.Module:
+        block: ACBlock = layer.module
+        kernel, bias = block.fused()
+        conv = block.square
         conv.weight = nn.Parameter(kernel, requires_grad=conv.weight.requires_grad)
         if conv.bias is not None:
             conv.bias = nn.Parameter(bias, requires_grad=conv.bias.requires_grad)
         else:
-            bn = model.get_submodule(module.consumer)
+            bn = layer.model.get_submodule(block.consumer)
             # Without running statistics the BatchNorm subtracts the batch mean, which cancels the bias exactly.
             if getattr(bn, "running_mean", None) is not None:
                 bn.running_mean = bn.running_mean.double() - bias
         return conv
 
 
-__all__ = ["ACBlock", "ACNet", "BN_INITS", "Consumer", "find_bn_consumers", "tf_same_pads"]
+__all__ = ["ACBlock", "ACNet", "BN_INITS", "tf_same_pads"]

@@ -1,107 +1,54 @@
-"""The recipe contract: parameters, layer eligibility, expansion, collapse and per-parameter training roles.
+"""The recipe contract: parameters, the layer context every hook receives, eligibility, expansion, collapse and
+per-parameter training roles.
 
-A recipe rewrites single layers. Two families exist (see docs/architecture.md):
+A recipe rewrites single layers. Two families exist (docs/architecture.md):
 
-* weight-space recipes subclass :class:`WeightRecipe`: the layer keeps its class and forward, and its
-  ``weight`` becomes a function of the recipe's factors through ``torch.nn.utils.parametrize``;
-* structural recipes subclass :class:`Recipe` directly and return a replacement module from
-  :meth:`Recipe.expand_layer` and a plain module from :meth:`Recipe.collapse_layer`.
+* weight-space recipes subclass :class:`WeightRecipe` and only build a parametrization (an ``nn.Module`` whose
+  ``forward()`` returns the layer's effective weight from its own factors); the layer keeps its class and forward.
+  :class:`WeightRecipe` is the one implementation of weight-space expansion and collapse;
+* structural recipes subclass :class:`Recipe` and return a replacement module from :meth:`Recipe.expand_layer`
+  and a plain module from :meth:`Recipe.collapse_layer` (ACNet).
+
+Every hook receives a :class:`LayerContext`; no recipe reads ambient state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections import OrderedDict
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import KfloError
+from .layers import CONV_TYPES, FILTER_TYPES, restore_plain, weight_space_problem
 
-#: Attribute set on every rewritten layer; it holds the recipe instance that rewrote it.
-RECIPE_ATTR = "_kflo_recipe"
-
-FILTER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+if TYPE_CHECKING:
+    from ..record import LayerRecord
 
 
-def tensors_in(out: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a model's output: a tensor, or dicts, lists and tuples of them (nested)."""
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, dict):
-        for v in out.values():
-            yield from tensors_in(v)
-    elif isinstance(out, (list, tuple)):
-        for v in out:
-            yield from tensors_in(v)
+@dataclass(frozen=True)
+class LayerContext:
+    """What a recipe hook knows about the layer it is asked about.
 
-
-def weight_decay_penalty(module: nn.Module, weight_decay: float) -> torch.Tensor | None:
-    """``weight_decay / 2 * ||W||^2`` on a layer's composed (effective) weight, or ``None`` when the decay is 0.
-
-    The 1/2 makes its gradient ``weight_decay * W``, exactly what SGD's ``weight_decay`` does to a plain weight.
-    Recipes whose rules decay the effective weight return it from :meth:`Recipe.penalty`.
+    Attributes:
+        name: the layer's module name in ``model`` (``"layer1.0.conv1"``).
+        module: the layer itself.
+        model: the whole model (for recipes that look at other layers: ACNet's data flow, ExpandNet's stem).
+        rebuilding: ``True`` when the expansion only rebuilds a checkpoint's structure: the layer's weights are
+            placeholders that the checkpoint's tensors replace next, so nothing is initialised from them and no
+            value is checked (:meth:`Recipe.check` and :meth:`WeightRecipe.initialize` are not called).
+        shared: a dictionary that lives for one expansion and one recipe, the same for all of that recipe's layers
+            (the compander's network-wide ``a, b``; ACNet's data-flow analysis, computed once).
     """
-    if weight_decay == 0:
-        return None
-    return 0.5 * weight_decay * module.weight.pow(2).sum()
 
-
-def _timm_class(name: str) -> type | None:
-    try:
-        import timm.layers as layers
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    return getattr(layers, name, None)
-
-
-def padding_kind(module: nn.Module) -> str | None:
-    """How a filtering layer pads its input, for recipes that run convolutions of their own in its place:
-    ``"static"`` (``nn.ConvNd``'s own rules), ``"tf-same"`` (timm's ``Conv2dSame``), ``"linear"``, or ``None`` for a
-    subclass whose forward may do anything with its weight (e.g. timm's ``StdConv2d`` standardises it)."""
-    cls = type(module)
-    if isinstance(module, nn.Linear):
-        return "linear" if cls.forward is nn.Linear.forward or cls is _timm_class("Linear") else None
-    if cls is _timm_class("Conv2dSame"):
-        return "tf-same"
-    base = next(b for b in CONV_TYPES if isinstance(module, b))
-    if cls.forward is base.forward and cls._conv_forward is base._conv_forward:
-        return "static"
-    return None
-
-
-_REBUILDING: ContextVar[bool] = ContextVar("kflo_rebuilding", default=False)
-
-
-@contextlib.contextmanager
-def rebuilding() -> Iterator[None]:
-    """Mark an expansion that only rebuilds a checkpoint's structure (``kflo_cli.checkpoint`` loading).
-
-    The layers' weights are then placeholders that ``load_state_dict`` overwrites next, so recipes skip checks
-    on their values: the compander's refusal of unrepresentable weights must not reject a fresh model's random
-    initialisation when the checkpoint's own factors are about to replace it.
-    """
-    token = _REBUILDING.set(True)
-    try:
-        yield
-    finally:
-        _REBUILDING.reset(token)
-
-
-def is_rebuilding() -> bool:
-    """Whether the current expansion runs inside :func:`rebuilding`."""
-    return _REBUILDING.get()
-
-
-def round_half_up(x: float) -> int:
-    """Round to the nearest integer, halves up (``round_half_up(4.5) == 5``), unlike Python's banker's round."""
-    return int(math.floor(x + 0.5))
+    name: str
+    module: nn.Module
+    model: nn.Module
+    rebuilding: bool = False
+    shared: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -155,15 +102,28 @@ class Param:
 
 @dataclass(frozen=True)
 class ParamRole:
-    """How the trainer treats one parameter.
+    """How a trainer treats one parameter of an expanded layer: its training rule, complete.
 
     Attributes:
-        kind: a short tag, e.g. ``"ordinary"``, ``"kflo-w1"``, ``"kflo-cascade"``, ``"expandnet-factor"``.
+        kind: a short tag shown in the parameter-group table, e.g. ``"kflo-w1"``, ``"expandnet-factor"``.
         weight_decay: ``"default"`` (the run's weight decay), ``"none"``, or a fixed float.
+        decay_target: what that decay applies to. ``"parameter"``: the parameter itself (the optimizer's
+            ``weight_decay``). ``"composed"``: the layer's composed weight instead, as the loss term
+            ``decay / 2 * ||W||^2`` (its gradient is ``decay * W``, what SGD's weight decay does to a plain
+            weight); the parameter itself then gets no decay. KFLO (decay on W' = W_B...W_1), the compander with
+            fixed ``a, b`` (decay on Psi(v)) and ExpandNet's ``decay=composed`` use it.
     """
 
     kind: str
     weight_decay: str | float = "default"
+    decay_target: Literal["parameter", "composed"] = "parameter"
+
+    def __post_init__(self) -> None:
+        wd = self.weight_decay
+        if not (wd in ("default", "none") or (isinstance(wd, (int, float)) and not isinstance(wd, bool) and wd >= 0)):
+            raise KfloError(f"parameter role '{self.kind}': weight_decay={wd!r} must be 'default', 'none' or a number >= 0")
+        if self.decay_target not in ("parameter", "composed"):
+            raise KfloError(f"parameter role '{self.kind}': decay_target={self.decay_target!r} must be 'parameter' or 'composed'")
 
 
 ORDINARY = ParamRole("ordinary", "default")
@@ -172,7 +132,8 @@ ORDINARY = ParamRole("ordinary", "default")
 class Recipe:
     """Base class of all recipes. Subclasses set ``name``, ``description`` and ``params``.
 
-    Instances hold resolved parameter values in ``self.params`` (a dict) and are cheap to create.
+    Instances hold resolved parameter values in ``self.values`` (a dict) and are cheap to create. They keep no
+    per-model state: what one expansion shares between layers lives in :attr:`LayerContext.shared`.
     """
 
     name: ClassVar[str] = ""
@@ -180,6 +141,8 @@ class Recipe:
     params: ClassVar[dict[str, Param]] = {}
     #: where the recipe came from ("built-in" or "plugin: <entry point>"); set by the registry.
     source: ClassVar[str] = "built-in"
+    #: whether :meth:`stack_weights` is implemented (KFLO's transfer from several pretrained networks).
+    stacks_weights: ClassVar[bool] = False
 
     def __init__(self, **values: Any) -> None:
         unknown = sorted(set(values) - set(self.params))
@@ -204,80 +167,164 @@ class Recipe:
     def __repr__(self) -> str:
         return f"<recipe {self.spec()}>"
 
-    # -- eligibility and rewriting -------------------------------------------------------------------------
-    def skip_reason(self, name: str, module: nn.Module, model: nn.Module) -> str | None:
-        """``None`` if this recipe rewrites ``module``, else a short reason shown in the plan.
-
-        Only called for modules for which :meth:`considers` is true.
-        """
-        raise NotImplementedError
-
+    # -- eligibility ----------------------------------------------------------------------------------------
     def considers(self, module: nn.Module) -> bool:
         """Whether ``module`` appears in this recipe's plan at all (applied or skipped with a reason)."""
         return isinstance(module, FILTER_TYPES)
 
-    def expand_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
-        """Rewrite ``module``; return it (modified in place) or its replacement."""
-        raise NotImplementedError
+    def skip_reason(self, layer: LayerContext) -> str | None:
+        """``None`` if this recipe applies to the layer, else a short reason shown by ``--dry-run``.
 
-    def collapse_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
-        """Return the plain module of the original class for an expanded ``module``.
-
-        Composition happens in float64; the result keeps float64 parameters, the caller casts.
+        Only for layers :meth:`considers` accepts. A reason never raises: a layer the recipe applies to but cannot
+        expand with these parameter *values* is :meth:`check`'s answer.
         """
         raise NotImplementedError
 
-    def collapse_problem(self, name: str, module: nn.Module) -> str | None:
+    def check(self, layer: LayerContext) -> str | None:
+        """For a layer the recipe applies to: ``None``, or an error sentence that names the fix (the parameter value
+        or ``--exclude``) when the layer's values make the expansion unusable. Not called when rebuilding."""
+        return None
+
+    # -- rewriting ------------------------------------------------------------------------------------------
+    def expand_layer(self, layer: LayerContext) -> nn.Module:
+        """Rewrite ``layer.module``; return it (modified in place) or its replacement."""
+        raise NotImplementedError
+
+    def collapse_layer(self, layer: LayerContext, original: "LayerRecord") -> nn.Module:
+        """Return the plain module of ``original.original_class`` for an expanded layer (``layer.model`` is the
+        model being collapsed, a copy). Compose in float64; the caller casts."""
+        raise NotImplementedError
+
+    def collapse_problem(self, layer: LayerContext) -> str | None:
         """Why this expanded layer cannot be collapsed (e.g. a nonlinear chain), or ``None`` when it can."""
         return None
+
+    def stack_weights(self, layer: LayerContext, weights: list[torch.Tensor]) -> None:
+        """Start an expanded layer from several networks: the layer already holds the first one's weight, and
+        ``weights`` are the same layer's weights in the others (set :attr:`stacks_weights` when implemented)."""
+        raise NotImplementedError
+
+    @classmethod
+    def counterpart_params(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The parameters of the recipe that continues from a trained expansion made with ``values``
+        (``--init-from-expanded``). Default: the same. ExpandNets' +Init turns a nonlinear chain into the linear one."""
+        return dict(values)
 
     # -- training ---------------------------------------------------------------------------------------------
     def roles(self, module: nn.Module) -> dict[str, ParamRole]:
         """Roles of the parameters of an expanded layer, by name relative to the layer. Missing names: ordinary."""
         return {}
 
-    def penalty(self, module: nn.Module, weight_decay: float) -> torch.Tensor | None:
-        """An extra loss term for this layer (e.g. decay on the composed weight), or ``None``."""
-        return None
-
     def step_scales(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """Per-parameter factors that multiply an adaptive optimizer's update (the compander's Psi'(v))."""
         return {}
 
-    def finalize_collapse(self, plain: nn.Module, names: list[str]) -> None:
-        """Model-level work after every layer of this recipe was collapsed (e.g. folding into a later BN)."""
+
+#: The prefix of a weight-space recipe's factors inside its layer (``<layer>.parametrizations.weight.0.<factor>``).
+FACTOR_PREFIX = "parametrizations.weight.0."
+
+
+def _no_initialisation(value: torch.Tensor) -> tuple[()]:
+    return ()
+
+
+def _attach(module: nn.Module, tensor_name: str, parametrization: nn.Module) -> None:
+    """Register ``parametrization`` on ``module.<tensor_name>`` keeping no copy of the original tensor.
+
+    kflo initialises the factors itself (:meth:`WeightRecipe.initialize`) before attaching, so torch must not call
+    ``right_inverse`` a second time: a ``right_inverse`` returning ``()`` (no original tensor) shadows the method
+    for this one registration. ``unsafe=True`` because the factors' shapes are not the weight's; kflo checks the
+    composed shape and dtype itself, before attaching (:meth:`WeightRecipe.expand_layer`).
+    """
+    parametrization.right_inverse = _no_initialisation  # type: ignore[method-assign]
+    try:
+        parametrize.register_parametrization(module, tensor_name, parametrization, unsafe=True)
+    finally:
+        del parametrization.right_inverse
 
 
 class WeightRecipe(Recipe):
     """A recipe whose layer keeps running its own forward on a weight composed from factors.
 
-    Subclasses implement :meth:`make_parametrization`, returning an ``nn.Module`` whose ``forward()`` (no
-    arguments) returns the effective weight and whose ``right_inverse(weight)`` initialises the factors from
-    ``weight`` and returns ``()``. The factors are the parametrization's own parameters, so the expanded
-    layer holds no copy of the original weight. They live under ``<layer>.parametrizations.weight.0.*``.
+    Subclasses implement :meth:`make_parametrization` (the structure: an ``nn.Module`` whose ``forward()`` takes no
+    argument and returns the effective weight) and usually leave the rest to this class: the parametrization's
+    ``right_inverse(weight)`` initialises the factors from the layer's weight (:meth:`initialize`); its optional
+    ``roles()`` and ``step_scales()`` give the training rules. The factors live under
+    ``<layer>.parametrizations.weight.0.*``; the expanded layer holds no copy of the original weight.
+
+    Optional hooks: :meth:`make_bias_parametrization` (a bias composed from the same factors),
+    :meth:`forward_class` (run the layer through another forward, e.g. ExpandNet's chain of real convolutions).
     """
 
-    def make_parametrization(self, name: str, module: nn.Module) -> nn.Module:
+    def make_parametrization(self, layer: LayerContext) -> nn.Module:
         raise NotImplementedError
 
-    def skip_reason(self, name: str, module: nn.Module, model: nn.Module) -> str | None:
-        return weight_space_problem(module)
+    def make_bias_parametrization(self, layer: LayerContext, weight_parametrization: nn.Module) -> nn.Module | None:
+        """A parametrization of the layer's ``bias`` (``None``: the bias stays an ordinary parameter)."""
+        return None
 
-    def expand_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
-        weight = module.weight.detach()
-        param = self.make_parametrization(name, module)
+    def forward_class(self, layer: LayerContext) -> type | None:
+        """A subclass of the layer's class whose ``forward`` replaces the layer's own (``None``: keep it)."""
+        return None
+
+    def initialize(self, layer: LayerContext, parametrization: nn.Module) -> str | None:
+        """Initialise the factors from the layer's current weight; return a warning sentence when the start does
+        not preserve the layer's function (``None`` when it does). Default: ``parametrization.right_inverse``."""
+        init = getattr(parametrization, "right_inverse", None)
+        if init is None:
+            raise KfloError(f"recipe '{self.name}': its parametrization {type(parametrization).__name__} has no "
+                            "right_inverse(weight) to initialise the factors from the layer's weight; add one")
+        init(layer.module.weight.detach())
+        return None
+
+    def skip_reason(self, layer: LayerContext) -> str | None:
+        return weight_space_problem(layer.module)
+
+    def expand_layer(self, layer: LayerContext) -> nn.Module:
+        module = layer.module
+        weight = module.weight
+        param = self.make_parametrization(layer)
         param.to(device=weight.device, dtype=weight.dtype)
-        order = list(module._parameters)
-        parametrize.register_parametrization(module, "weight", param, unsafe=True)
-        module._kflo_param_order = order  # restores state-dict key order on collapse
+        note = None
+        if not layer.rebuilding:
+            with torch.no_grad():
+                note = self.initialize(layer, param)
+        self._check_output(layer, param, weight)
+        has_bias = isinstance(getattr(module, "bias", None), torch.Tensor)
+        bias_param = self.make_bias_parametrization(layer, param) if has_bias else None
+        cls = self.forward_class(layer)
+        if cls is not None:
+            module.__class__ = cls
+        _attach(module, "weight", param)
+        if bias_param is not None:
+            _attach(module, "bias", bias_param)
+        if note:
+            warnings.warn(note, stacklevel=2)
         return module
 
-    def collapse_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
-        plist = module.parametrizations.weight
+    def _check_output(self, layer: LayerContext, param: nn.Module, weight: torch.Tensor) -> None:
+        """The parametrization must return a weight of the layer's shape and dtype (checked before attaching)."""
         with torch.no_grad():
-            plist.to(torch.float64)
-            composed = plist().detach().clone()
-        return restore_plain(module, parametrize.type_before_parametrizations(module), composed)
+            out = param()
+        where = f"recipe '{self.name}' on layer '{layer.name}'"
+        if not isinstance(out, torch.Tensor):
+            raise KfloError(f"{where}: the parametrization's forward() returned {type(out).__name__}, not a tensor; "
+                            "it must return the layer's weight")
+        if tuple(out.shape) != tuple(weight.shape):
+            raise KfloError(f"{where}: the parametrization returns a weight of shape {tuple(out.shape)} but the layer's "
+                            f"weight has shape {tuple(weight.shape)}; fix the parametrization's forward()")
+        if out.dtype != weight.dtype:
+            raise KfloError(f"{where}: the parametrization returns {out.dtype} but the layer's weight is "
+                            f"{weight.dtype}; fix the parametrization's forward()")
+
+    def collapse_layer(self, layer: LayerContext, original: "LayerRecord") -> nn.Module:
+        module = layer.module
+        plists = module.parametrizations
+        with torch.no_grad():
+            plists.to(torch.float64)
+            weight = plists["weight"]().detach().clone()
+            bias = plists["bias"]().detach().clone() if "bias" in plists else None
+        return restore_plain(module, original.original_class, original.param_order, weight, bias)
 
     @staticmethod
     def parametrization(module: nn.Module) -> nn.Module:
@@ -285,59 +332,13 @@ class WeightRecipe(Recipe):
         return module.parametrizations.weight[0]
 
     def roles(self, module: nn.Module) -> dict[str, ParamRole]:
-        inner = self.parametrization(module)
-        get = getattr(inner, "roles", None)
-        local = get() if get is not None else {}
-        return {f"parametrizations.weight.0.{k}": v for k, v in local.items()}
+        get = getattr(self.parametrization(module), "roles", None)
+        return {FACTOR_PREFIX + k: v for k, v in (get() if get is not None else {}).items()}
+
+    def step_scales(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        get = getattr(self.parametrization(module), "step_scales", None)
+        return {FACTOR_PREFIX + k: v for k, v in (get() if get is not None else {}).items()}
 
 
-def weight_space_problem(module: nn.Module) -> str | None:
-    """Why a weight-space recipe cannot rewrite ``module`` (``None`` if it can)."""
-    if not isinstance(module, FILTER_TYPES):
-        return "not a Conv1d/2d/3d or Linear layer"
-    if parametrize.is_parametrized(module):
-        return "already parametrized"
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, nn.Parameter):
-        return "has no weight parameter"
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        return "lazy layer not initialised yet"
-    if not weight.is_floating_point():
-        return f"weight dtype {weight.dtype} is not floating point"
-    if weight.numel() == 0:
-        return f"its weight {tuple(weight.shape)} is empty"
-    return None
-
-
-def restore_plain(module: nn.Module, cls: type, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
-    """Turn a parametrized layer back into a plain ``cls`` with ordinary ``weight`` (and ``bias``) parameters, in
-    the parameter order recorded at expansion (``_kflo_param_order``), so ``state_dict()`` keys keep their order.
-
-    Not ``parametrize.remove_parametrizations``: it deletes the property from the parametrized class, which deep
-    copies of the module share, so it would break the expanded model a collapsed copy was made from.
-    """
-    module.__class__ = cls
-    del module.parametrizations
-    module.weight = nn.Parameter(weight)
-    if bias is not None:
-        module.bias = nn.Parameter(bias)
-    order = module.__dict__.pop("_kflo_param_order", None)
-    if order is not None:
-        module._parameters = OrderedDict((k, module._parameters[k]) for k in order if k in module._parameters)
-    return module
-
-
-@dataclass
-class LayerPlan:
-    """One row of a plan: a layer, what a recipe does with it, and the parameter counts."""
-
-    name: str
-    type: str
-    shape: tuple[int, ...]
-    recipe: str | None
-    applied: bool
-    reason: str = ""
-    params_before: int = 0
-    params_after: int = 0
-    #: position of the applying recipe in the list given to expand (two recipes may share a name).
-    recipe_index: int = -1
+__all__ = ["CONV_TYPES", "FACTOR_PREFIX", "FILTER_TYPES", "LayerContext", "ORDINARY", "Param", "ParamRole", "Recipe",
+           "WeightRecipe"]

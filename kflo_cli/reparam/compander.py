@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import KfloError
-from . import register_recipe
-from .base import Param, ParamRole, RECIPE_ATTR, WeightRecipe, is_rebuilding, weight_decay_penalty, weight_space_problem
+from .base import LayerContext, Param, ParamRole, WeightRecipe
+from .layers import weight_space_problem
+from .registry import register_recipe
 
 #: A weight is representable when Psi keeps at least this fraction of its slope at 0 there. Closer to the
 #: bound of f (arctan's pi/2, erf's 1), v = Psi^-1(w) explodes and gradient steps on it shrink by more than
@@ -79,22 +80,15 @@ class CompanderParametrization(nn.Module):
 
     @torch.no_grad()
     def right_inverse(self, weight: torch.Tensor) -> tuple[()]:
-        """``v = b * f^-1(w / a)``, computed in float64; refuses weights too close to the bound of f.
-
-        When only rebuilding a checkpoint (:func:`~kflo_cli.reparam.base.rebuilding`) the weights are
-        placeholders: they are clipped to the representable range instead, and the checkpoint's ``v`` replaces
-        the result.
-        """
+        """``v = b * f^-1(w / a)``, computed in float64; refuses weights too close to the bound of f."""
         a, b = (float(x.detach()) if isinstance(x, torch.Tensor) else float(x) for x in (self.a, self.b))
         comp = COMPANDERS[self.fn]
         ratio = weight.detach().double() / a
         largest = ratio.abs().max().item() if ratio.numel() else 0.0
         if not (math.isfinite(largest) and largest <= comp.max_ratio):
-            if not is_rebuilding():
-                hint = f"use a >= {smallest_workable_a(largest * a, self.fn):g}" if math.isfinite(largest) else "start from finite weights"
-                raise KfloError(f"compander: weights up to |w| = {largest * a:.4g} are beyond what {self.fn} "
-                                f"with a={a:g} represents; {hint}")
-            ratio = torch.nan_to_num(ratio).clamp(-comp.max_ratio, comp.max_ratio)
+            hint = f"use a >= {smallest_workable_a(largest * a, self.fn):g}" if math.isfinite(largest) else "start from finite weights"
+            raise KfloError(f"compander: weights up to |w| = {largest * a:.4g} are beyond what {self.fn} "
+                            f"with a={a:g} represents; {hint}")
         self.v.copy_((b * comp.inverse(ratio)).to(self.v.dtype))
         return ()
 
@@ -103,10 +97,14 @@ class CompanderParametrization(nn.Module):
         """``Psi'(v) = (a / b) * f'(v / b)``, elementwise, detached."""
         return (self.a / self.b) * COMPANDERS[self.fn].slope(self.v / self.b)
 
+    def step_scales(self) -> dict[str, torch.Tensor]:
+        """``Psi'(v)`` for ``v``: the factor of the paper's modified adaptive step (see docs/recipes.md)."""
+        return {"v": self.slope()}
+
     def roles(self) -> dict[str, ParamRole]:
         if not self.learnable:
-            # Decay goes on Psi(v) through the recipe's penalty, not on v (paper III-A2).
-            return {"v": ParamRole("compander-v", "none")}
+            # Fixed a, b: the decay goes on the weight Psi(v), not on v (paper III-A2).
+            return {"v": ParamRole("compander-v", "default", decay_target="composed")}
         # Learnable a, b: decay on v only, none on a and b (paper III-B).
         return {"v": ParamRole("compander-v", "default"), "a": ParamRole("compander-a", "none"),
                 "b": ParamRole("compander-b", "none")}
@@ -139,61 +137,37 @@ class WeightCompander(WeightRecipe):
         ),
     }
 
-    def skip_reason(self, name: str, module: nn.Module, model: nn.Module) -> str | None:
-        problem = weight_space_problem(module)
-        if problem or is_rebuilding():
-            return problem
+    def check(self, layer: LayerContext) -> str | None:
+        """Weights too close to the bound of f cannot be represented as Psi(v): name the ``a`` that works."""
         a, fn = self.values["a"], self.values["fn"]
-        largest = _largest_weight(module)
+        largest = _largest_weight(layer.module)
         if largest / a <= COMPANDERS[fn].max_ratio:
             return None
         if math.isinf(largest):
-            raise KfloError(f"compander: layer '{name}' has non-finite weights (nan or inf); start from a finite checkpoint")
+            return f"compander: layer '{layer.name}' has non-finite weights (nan or inf); start from a finite checkpoint"
         # Name what works for the whole model too, so that one retry suffices.
-        worst, worst_name = max((w, n) for n, m in model.named_modules()
+        worst, worst_name = max((w, n) for n, m in layer.model.named_modules()
                                 if n and self.considers(m) and weight_space_problem(m) is None
                                 for w in (_largest_weight(m),) if math.isfinite(w))
         whole = f" and a >= {smallest_workable_a(worst, fn):g} for every layer (the largest weight is in '{worst_name}')"
-        raise KfloError(
-            f"compander: layer '{name}' has weights up to |w| = {largest:.4g}, beyond what {fn} with a={a:g} "
+        return (
+            f"compander: layer '{layer.name}' has weights up to |w| = {largest:.4g}, beyond what {fn} with a={a:g} "
             f"represents (|w|/a must stay <= {COMPANDERS[fn].max_ratio:.4g}, where Psi' keeps "
             f"{MIN_SLOPE_RATIO:.1%} of its slope at 0); use a >= {smallest_workable_a(largest, fn):g} for this layer"
-            f"{whole if worst > largest else ''}, or --exclude '{name}'"
+            f"{whole if worst > largest else ''}, or --exclude '{layer.name}'"
         )
 
-    def _shared_pair(self, model: nn.Module) -> tuple[nn.Parameter, nn.Parameter] | None:
-        """The coarse (a, b) pair already created for ``model``: owned by its first rewritten layer."""
-        for module in model.modules():
-            if getattr(module, RECIPE_ATTR, None) is self:
-                inner = self.parametrization(module)
-                return inner.a, inner.b
-        return None
-
-    def expand_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
-        # The coarse pair is found through the model, which make_parametrization does not receive.
+    def make_parametrization(self, layer: LayerContext) -> nn.Module:
         a, b, mode = self.values["a"], self.values["b"], self.values["learnable"]
-        weight = module.weight.detach()
-        pair = self._shared_pair(model) if mode == "coarse" else None
-        if pair is None and mode != "none":
+        weight = layer.module.weight
+        if mode == "none":
+            pair: tuple = (a, b)
+        elif mode == "coarse" and "pair" in layer.shared:
+            pair = layer.shared["pair"]  # one learned (a, b) for the whole network, owned by its first layer
+        else:
             pair = tuple(nn.Parameter(torch.tensor(x, dtype=weight.dtype, device=weight.device)) for x in (a, b))
-        self._pending_pair = pair or (a, b)
-        try:
-            return super().expand_layer(name, module, model)
-        finally:
-            del self._pending_pair
-
-    def make_parametrization(self, name: str, module: nn.Module) -> nn.Module:
-        return CompanderParametrization(module.weight.shape, self.values["fn"], *self._pending_pair)
-
-    def penalty(self, module: nn.Module, weight_decay: float) -> torch.Tensor | None:
-        """With fixed a, b: ``weight_decay / 2 * ||Psi(v)||^2`` (decay on the weight, as SGD would apply it)."""
-        if self.values["learnable"] != "none":
-            return None
-        return weight_decay_penalty(module, weight_decay)
-
-    def step_scales(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """``Psi'(v)`` for ``v``: the factor of the paper's modified adaptive step (see docs/recipes.md)."""
-        return {"parametrizations.weight.0.v": self.parametrization(module).slope()}
+            layer.shared["pair"] = pair
+        return CompanderParametrization(weight.shape, self.values["fn"], *pair)
 
 
 __all__ = ["COMPANDERS", "MIN_SLOPE_RATIO", "Compander", "CompanderParametrization", "WeightCompander", "smallest_workable_a"]

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import KfloError
-from . import register_recipe
-from .base import CONV_TYPES, Param, ParamRole, WeightRecipe, weight_space_problem
+from .base import CONV_TYPES, LayerContext, Param, ParamRole, WeightRecipe
+from .layers import weight_space_problem
+from .registry import register_recipe
 
 
 def kernel_taps(module: nn.Module) -> int:
@@ -100,23 +101,23 @@ class DOConv(WeightRecipe):
         """D_mul for ``module``: the parameter, or the kernel's taps when it is 0."""
         return self.values["depth_multiplier"] or kernel_taps(module)
 
-    def skip_reason(self, name: str, module: nn.Module, model: nn.Module) -> str | None:
-        problem = weight_space_problem(module)
-        if problem:
-            return problem
-        taps = kernel_taps(module)
-        if taps == 1:
+    def skip_reason(self, layer: LayerContext) -> str | None:
+        problem = weight_space_problem(layer.module)
+        if problem is None and kernel_taps(layer.module) == 1:
             return "1-tap kernel: no spatial taps to over-parameterize"
-        dmul = self.depth_multiplier(module)
-        if dmul < taps:
-            raise KfloError(
-                f"doconv: layer '{name}' has a {'x'.join(map(str, module.kernel_size))} kernel ({taps} taps) but "
-                f"depth_multiplier={dmul}; use depth_multiplier >= {taps}, 0 for each kernel's own taps, "
-                f"or --exclude '{name}'"
-            )
-        return None
+        return problem
 
-    def make_parametrization(self, name: str, module: nn.Module) -> nn.Module:
+    def check(self, layer: LayerContext) -> str | None:
+        module = layer.module
+        taps, dmul = kernel_taps(module), self.depth_multiplier(module)
+        if dmul >= taps:
+            return None
+        return (f"doconv: layer '{layer.name}' has a {'x'.join(map(str, module.kernel_size))} kernel ({taps} taps) but "
+                f"depth_multiplier={dmul}; use depth_multiplier >= {taps}, 0 for each kernel's own taps, "
+                f"or --exclude '{layer.name}'")
+
+    def make_parametrization(self, layer: LayerContext) -> nn.Module:
+        module = layer.module
         return DOConvParametrization(module.weight.shape, module.in_channels, module.groups, self.depth_multiplier(module))
 
 

@@ -18,21 +18,21 @@ See docs/expandnet.md.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from ..errors import KfloError
-from . import register_recipe
-from .base import CONV_TYPES, Param, ParamRole, Recipe, is_rebuilding, padding_kind, restore_plain, weight_space_problem
+from .base import CONV_TYPES, LayerContext, Param, ParamRole, WeightRecipe
 from .expandnet_chain import ACTIVATIONS, ComposedBias, ExpandChain, chain_width
+from .layers import padding_kind, weight_space_problem
+from .registry import register_recipe
 
 MODES = ("kernel", "feature")
 NONLINEAR = ("none", *ACTIVATIONS)
 INITS = ("auto", "preserve", "random")
+DECAYS = ("factors", "composed")
 
 
 def _check_rate(v: float) -> str | None:
@@ -49,6 +49,8 @@ def _common_params() -> dict[str, Param]:
         "init": Param(str, "auto", "preserve: start from the layer's own weight and bias where the widths allow an "
                       "exact factorisation; random: the paper's fresh-layer initialisation; auto: preserve for the "
                       "linear ExpandNet, random for the nonlinear counterpart", choices=INITS),
+        "decay": Param(str, "factors", "where the run's weight decay goes: factors (each factor, the official code) "
+                       "or composed (the composed kernel, Arora et al.'s product-L2 form)", choices=DECAYS),
     }
 
 
@@ -63,7 +65,7 @@ def feature_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     chain: ExpandChain = self.parametrizations.weight[0]
     if chain.linear:
         return chain.run(x, 0)
-    if self._kflo_padding == "tf-same":
+    if self._kflo_padding == "tf-same":  # a class attribute of the feature class (see feature_class)
         from timm.layers.padding import pad_same
 
         return chain.run(pad_same(x, self.kernel_size, self.stride, self.dilation), 0)
@@ -82,14 +84,8 @@ def feature_class(cls: type) -> type:
     """``cls`` with :func:`feature_forward` as its forward (one class per original class)."""
     if cls not in _FEATURE_CLASSES:
         _FEATURE_CLASSES[cls] = type(f"ExpandNetFeature{cls.__name__}", (cls,),
-                                     {"forward": feature_forward, "_kflo_original_class": cls})
+                                     {"forward": feature_forward, "_kflo_padding": padding_kind(cls)})
     return _FEATURE_CLASSES[cls]
-
-
-def original_class(module: nn.Module) -> type:
-    """The class the layer had before the recipe rewrote it (either form)."""
-    cls = parametrize.type_before_parametrizations(module)
-    return cls.__dict__.get("_kflo_original_class", cls)
 
 
 def is_stem(module: nn.Module, model: nn.Module) -> bool:
@@ -118,8 +114,9 @@ NONLINEAR_COLLAPSE = (
 )
 
 
-class ExpandNetRecipe(Recipe):
-    """What CL, CK and FC share: the chain, its two forms, its initialisation and its collapse."""
+class ExpandNetRecipe(WeightRecipe):
+    """What CL, CK and FC share: the chain (a weight parametrization, plus the composed bias), its two forms and
+    its initialisation. Collapse is :class:`WeightRecipe`'s."""
 
     layer_types: ClassVar[tuple[type[nn.Module], ...]] = CONV_TYPES
 
@@ -132,6 +129,15 @@ class ExpandNetRecipe(Recipe):
             raise KfloError(f"recipe '{self.name}': init=preserve cannot preserve a function through "
                             f"nonlinear={v['nonlinear']}; use init=random (or auto)")
 
+    @classmethod
+    def counterpart_params(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """+Init, second step: the linear ExpandNet of a nonlinear counterpart (``mode=kernel``, the same linear
+        function and usually cheaper; ``init=random``, the transferred tensors replace the start anyway)."""
+        values = dict(values)
+        if values.get("nonlinear", "none") != "none":
+            values.update(nonlinear="none", mode="kernel", init="random")
+        return values
+
     def considers(self, module: nn.Module) -> bool:
         return isinstance(module, self.layer_types)
 
@@ -143,65 +149,54 @@ class ExpandNetRecipe(Recipe):
         """Why this recipe leaves the layer alone (``None``: it expands it)."""
         return None
 
-    def skip_reason(self, name: str, module: nn.Module, model: nn.Module) -> str | None:
-        problem = weight_space_problem(module) or self.shape_problem(module, model)
+    def skip_reason(self, layer: LayerContext) -> str | None:
+        module = layer.module
+        problem = weight_space_problem(module) or self.shape_problem(module, layer.model)
         if problem is None and self.values["mode"] == "feature" and padding_kind(module) is None:
             problem = (f"mode=feature cannot run a chain inside {type(module).__name__}'s own forward (it may "
                        "transform the weight); use mode=kernel")
         return problem
 
-    def expand_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
-        widths, kernels, strides = self.links(module, model)
-        weight = module.weight.detach()
-        bias = module.bias.detach() if module.bias is not None else None
+    def make_parametrization(self, layer: LayerContext) -> nn.Module:
+        module = layer.module
+        widths, kernels, strides = self.links(module, layer.model)
         act = None if self.values["nonlinear"] == "none" else self.values["nonlinear"]
-        groups = getattr(module, "groups", 1)
-        dilation = tuple(getattr(module, "dilation", ()))
-        chain = ExpandChain(widths, kernels, strides, groups, bias is not None, dilation, act,
-                            device=weight.device, dtype=weight.dtype)
+        return ExpandChain(widths, kernels, strides, getattr(module, "groups", 1), module.bias is not None,
+                           tuple(getattr(module, "dilation", ())), act)
+
+    def make_bias_parametrization(self, layer: LayerContext, weight_parametrization: nn.Module) -> nn.Module | None:
+        return ComposedBias(weight_parametrization)
+
+    def forward_class(self, layer: LayerContext) -> type | None:
+        return feature_class(type(layer.module)) if self.values["mode"] == "feature" else None
+
+    def initialize(self, layer: LayerContext, parametrization: nn.Module) -> str | None:
+        """``init=preserve`` (``auto`` for the linear chain): the layer's own weight and bias, where the widths allow
+        an exact factorisation; otherwise (and for ``init=random``) the paper's fresh-layer initialisation."""
+        chain: ExpandChain = parametrization
+        module = layer.module
         init = self.values["init"]
         if init == "auto":
-            init = "random" if act else "preserve"
-        if init == "random" or is_rebuilding() or not chain.init_preserving(weight, bias):
-            chain.reset_random()
-            if init == "preserve" and not is_rebuilding():
-                warnings.warn(
-                    f"{self.name}: layer '{name}' (widths {' -> '.join(map(str, widths))}, groups {groups}) has no "
-                    "exact function-preserving factorisation, so it starts from the paper's random initialisation; "
-                    "pass init=random to say so, or raise the rate (or stem=expand) to preserve it",
-                    stacklevel=2,
-                )
-        order = list(module._parameters)
-        padding = padding_kind(module)
-        if self.values["mode"] == "feature":
-            module.__class__ = feature_class(type(module))
-        parametrize.register_parametrization(module, "weight", chain, unsafe=True)
-        if bias is not None:
-            parametrize.register_parametrization(module, "bias", ComposedBias(chain), unsafe=True)
-        module._kflo_param_order = order
-        module._kflo_padding = padding
-        return module
+            init = "random" if chain.activation else "preserve"
+        bias = module.bias.detach() if module.bias is not None else None
+        if init == "preserve" and chain.init_preserving(module.weight.detach(), bias):
+            return None
+        chain.reset_random()
+        if init != "preserve":
+            return None
+        return (f"{self.name}: layer '{layer.name}' (widths {' -> '.join(map(str, chain.widths))}, groups {chain.groups}) has "
+                "no exact function-preserving factorisation, so it starts from the paper's random initialisation; "
+                "pass init=random to say so, or raise the rate (or stem=expand) to preserve it")
 
-    def collapse_problem(self, name: str, module: nn.Module) -> str | None:
-        chain: ExpandChain = module.parametrizations.weight[0]
-        return NONLINEAR_COLLAPSE.format(name=name, act=chain.activation) if chain.activation else None
-
-    def collapse_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
-        chain: ExpandChain = module.parametrizations.weight[0]
-        problem = self.collapse_problem(name, module)
-        if problem:
-            raise KfloError(problem)
-        has_bias = "bias" in module.parametrizations
-        with torch.no_grad():
-            chain.to(torch.float64)
-            weight = chain().detach().clone()
-            bias = chain.composed_bias().detach().clone() if has_bias else None
-        del module._kflo_padding
-        return restore_plain(module, original_class(module), weight, bias)
+    def collapse_problem(self, layer: LayerContext) -> str | None:
+        chain: ExpandChain = self.parametrization(layer.module)
+        return NONLINEAR_COLLAPSE.format(name=layer.name, act=chain.activation) if chain.activation else None
 
     def roles(self, module: nn.Module) -> dict[str, ParamRole]:
-        chain: ExpandChain = module.parametrizations.weight[0]
-        return {f"parametrizations.weight.0.{k}": v for k, v in chain.roles().items()}
+        roles = super().roles(module)
+        if self.values["decay"] == "composed":
+            roles = {k: ParamRole(r.kind, r.weight_decay, decay_target="composed") for k, r in roles.items()}
+        return roles
 
     def _first_width(self, module: nn.Module, model: nn.Module) -> int:
         m, groups = module.in_channels, module.groups
@@ -294,66 +289,6 @@ class ExpandNetFC(ExpandNetRecipe):
         return widths, [()] * count, [()] * count
 
 
-def linear_counterpart_specs(path: Any) -> list[dict[str, Any]]:
-    """The recipes of an expanded checkpoint, as specs for its linear ExpandNet (+Init, second step).
-
-    ``nonlinear`` becomes ``none``, ``mode`` ``kernel`` (the same linear function, usually cheaper) and ``init``
-    ``random`` (the transferred tensors replace the start anyway); each recipe keeps the layers it rewrote.
-    """
-    from ..checkpoint import read_metadata
-
-    meta = read_metadata(path)
-    if meta is None or meta["kind"] != "expanded":
-        raise KfloError(f"{path} is not an expanded kflo checkpoint; --init-from-expanded needs one written by "
-                        "kflo expand or kflo train (for a plain checkpoint use --init-from)")
-    specs = []
-    for index, entry in enumerate(meta["recipes"]):
-        params = dict(entry["params"])
-        if "nonlinear" in params and params["nonlinear"] != "none":
-            params.update(nonlinear="none", mode="kernel", init="random")
-        layers = [layer["name"] for layer in meta["layers"] if int(layer["recipe_index"]) == index]
-        specs.append({"name": entry["name"], **params, "include": layers, "exclude": []})
-    return specs
-
-
-def transfer_factors(model: nn.Module, path: Any) -> int:
-    """+Init: load every tensor of an expanded checkpoint (typically the trained nonlinear counterpart) into
-    ``model``, an expansion of the same architecture with the same recipes, widths and layers.
-
-    Returns:
-        The number of tensors loaded.
-    """
-    from ..checkpoint import check_tensors_match, load_into, load_tensors, read_metadata
-
-    specs = linear_counterpart_specs(path)
-    meta = read_metadata(path)
-    own = getattr(model, "kflo_model_id", None)
-    if own is not None and meta["model_id"] != own:
-        raise KfloError(f"{path} holds {meta['model_id']} but this model is {own}; transfer factors between "
-                        "expansions of the same architecture")
-    tensors = load_tensors(path)
-    check_tensors_match(model, tensors, path, (
-        "it does not fit this expansion ({found}); expand with the recipes, rate, layers and stem of the run that "
-        f"wrote it ({', '.join(s['name'] for s in specs)}), e.g. by omitting --recipe"))
-    expected = model.state_dict()
-    load_into(model, {k: v.to(expected[k].dtype) for k, v in tensors.items()})
-    return len(tensors)
-
-
-def linear_counterpart(path: Any) -> nn.Module:
-    """The linear ExpandNet of a (nonlinear-counterpart) checkpoint, starting from all of its tensors."""
-    from ..checkpoint import read_metadata
-    from ..models import create_model
-    from ..surgery import expand
-
-    specs = linear_counterpart_specs(path)
-    meta = read_metadata(path)
-    model = create_model(meta["model_id"], **meta.get("model_kwargs", {}))
-    expand(model, specs)
-    transfer_factors(model, path)
-    return model
-
-
 __all__ = [
     "ExpandNetCK",
     "ExpandNetCL",
@@ -361,10 +296,5 @@ __all__ = [
     "ExpandNetRecipe",
     "feature_class",
     "is_stem",
-    "linear_counterpart",
-    "linear_counterpart_specs",
     "logit_layer",
-    "original_class",
-    "padding_kind",
-    "transfer_factors",
 ]

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import ParamRole, round_half_up
+from .base import ParamRole
+from .layers import round_half_up
 
 #: Activations of the nonlinear counterpart (ExpandNets supplementary A, "+Init"), between consecutive links.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -8,14 +8,14 @@ cascade of pointwise maps (``R x R`` ... ``out x R``). The layer's own forward r
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn as nn
 
 from ..errors import KfloError
-from .base import Param, ParamRole, WeightRecipe, is_rebuilding, round_half_up, weight_decay_penalty
-from . import register_recipe
+from .base import LayerContext, Param, ParamRole, WeightRecipe
+from .layers import round_half_up
+from .registry import register_recipe
 
 #: Weight decay the paper puts on the cascade W_2..W_B.
 CASCADE_DECAY = 1e-9
@@ -75,8 +75,6 @@ class KfloParametrization(nn.Module):
             self.w1[:fan].copy_(torch.eye(fan, dtype=w.dtype, device=w.device))
             last.zero_()
             last[:, :fan].copy_(w)
-        elif is_rebuilding():  # a checkpoint's tensors replace the factors next: skip the SVD
-            self.exact_start = False
         else:
             u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
             root = s[:rows].sqrt()
@@ -88,7 +86,8 @@ class KfloParametrization(nn.Module):
         return ()
 
     def roles(self) -> dict[str, ParamRole]:
-        roles = {"w1": ParamRole("kflo-w1", "none")}
+        # The paper: the vanilla decay on the composed kernel W' (none on W_1 itself), 1e-9 on the cascade.
+        roles = {"w1": ParamRole("kflo-w1", "default", decay_target="composed")}
         for i in range(len(self.cascade)):
             roles[f"cascade.{i}"] = ParamRole("kflo-cascade", CASCADE_DECAY)
         return roles
@@ -113,66 +112,37 @@ class Kflo(WeightRecipe):
         "width": Param(float, 4.0, "rho, the width multiplier: a number > 0", _check_width),
     }
 
-    def make_parametrization(self, name: str, module: nn.Module) -> nn.Module:
-        return KfloParametrization(module.weight.shape, self.values["depth"], self.values["width"])
+    stacks_weights = True
 
-    def expand_layer(self, name: str, module: nn.Module, model: nn.Module) -> nn.Module:
-        module = super().expand_layer(name, module, model)
-        param = module.parametrizations.weight[0]
-        if not param.exact_start and not is_rebuilding():
-            out, rows = param.cascade[-1].shape
-            needed = min(out, param.w1.shape[1])
-            warnings.warn(
-                f"kflo: layer '{name}' keeps only a rank-{rows} approximation of its kernel (width={self.values['width']:g} "
-                f"gives R={rows} < min(out, fan-in) = {needed}), so the expansion does not preserve its function; "
-                f"raise width to {needed / out:.3g} or more to preserve it"
-            )
-        return module
+    def make_parametrization(self, layer: LayerContext) -> nn.Module:
+        return KfloParametrization(layer.module.weight.shape, self.values["depth"], self.values["width"])
 
-    def penalty(self, module: nn.Module, weight_decay: float) -> torch.Tensor | None:
-        """The paper's vanilla decay on the composed kernel, as ``weight_decay / 2 * ||W'||^2``.
+    def initialize(self, layer: LayerContext, parametrization: nn.Module) -> str | None:
+        super().initialize(layer, parametrization)
+        if parametrization.exact_start:
+            return None
+        out, rows = parametrization.cascade[-1].shape
+        needed = min(out, parametrization.w1.shape[1])
+        return (f"kflo: layer '{layer.name}' keeps only a rank-{rows} approximation of its kernel (width="
+                f"{self.values['width']:g} gives R={rows} < min(out, fan-in) = {needed}), so the expansion does not "
+                f"preserve its function; raise width to {needed / out:.3g} or more to preserve it")
 
-        The 1/2 makes its gradient ``weight_decay * W'``, exactly what SGD's ``weight_decay`` does to a
-        plain weight (the public code omits it and so decays twice as hard; see docs/kflo.md).
-        """
-        return weight_decay_penalty(module, weight_decay)
-
-
-@torch.no_grad()
-def stack_pretrained(model: nn.Module, others: list[dict[str, torch.Tensor]]) -> list[str]:
-    """KFLO transfer learning (paper section 4.1): stack further pretrained kernels into each W_1.
-
-    ``model`` is KFLO-expanded from the first pretrained network (``--init-from``), so W_1's first ``out`` rows
-    hold its kernels and the cascade is ``[I | 0]``; the i-th network of ``others`` (plain state dicts of the same
-    architecture) fills rows ``out*i .. out*(i+1)``. The start still reproduces the first network exactly. Needs
-    ``R >= out * (1 + len(others))``, i.e. rho at least the number of networks.
-
-    Returns:
-        The names of the layers that received stacked kernels.
-    """
-    from ..surgery import rewritten_layers
-
-    done = []
-    for name, module, recipe in rewritten_layers(model):
-        if not isinstance(recipe, Kflo):
-            continue
-        param = module.parametrizations.weight[0]
+    @torch.no_grad()
+    def stack_weights(self, layer: LayerContext, weights: list[torch.Tensor]) -> None:
+        """KFLO transfer learning (paper section 4.1): the i-th further network's kernel fills rows
+        ``out*i .. out*(i+1)`` of W_1. The layer was expanded from the first network, so W_1's first ``out`` rows
+        hold its kernel and the cascade is ``[I | 0]``: the start still reproduces the first network exactly.
+        Needs ``R >= out * (1 + len(weights))``, i.e. rho at least the number of networks."""
+        param = self.parametrization(layer.module)
         out = param.cascade[-1].shape[0]
-        needed = out * (1 + len(others))
+        needed = out * (1 + len(weights))
         if param.w1.shape[0] < needed:
             raise KfloError(
-                f"layer '{name}': W_1 has {param.w1.shape[0]} rows but {1 + len(others)} networks need {needed}; "
-                f"use width >= {1 + len(others)} (rho = number of pretrained networks)"
+                f"layer '{layer.name}': W_1 has {param.w1.shape[0]} rows but {1 + len(weights)} networks need {needed}; "
+                f"use width >= {1 + len(weights)} (rho = number of pretrained networks)"
             )
-        for i, state in enumerate(others, start=1):
-            weight = state.get(f"{name}.weight")
-            if weight is None or weight.numel() != out * param.w1.shape[1]:
-                raise KfloError(f"pretrained checkpoint {i + 1} has no matching '{name}.weight'; all checkpoints must be of the same architecture")
-            param.w1[out * i : out * (i + 1)].copy_(weight.reshape(out, -1))
-        done.append(name)
-    if not done:
-        raise KfloError("stacking pretrained kernels needs the kflo recipe; add --recipe kflo:width=N for N networks")
-    return done
+        for i, weight in enumerate(weights, start=1):
+            param.w1[out * i : out * (i + 1)].copy_(weight.reshape(out, -1).to(param.w1.dtype))
 
 
-__all__ = ["CASCADE_DECAY", "Kflo", "KfloParametrization", "kflo_width", "stack_pretrained"]
+__all__ = ["CASCADE_DECAY", "Kflo", "KfloParametrization", "kflo_width"]

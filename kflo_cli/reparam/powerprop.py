@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn as nn
 
-from . import register_recipe
-from .base import Param, ParamRole, WeightRecipe, weight_decay_penalty
+from .base import LayerContext, Param, ParamRole, WeightRecipe
+from .registry import register_recipe
 
 
 class PowerpropParametrization(nn.Module):
@@ -41,9 +41,13 @@ class PowerpropParametrization(nn.Module):
         """``dw/dv = alpha * |v|^(alpha-1)``, elementwise, detached."""
         return self.alpha * self.v.abs().pow(self.alpha - 1.0)
 
+    def step_scales(self) -> dict[str, torch.Tensor]:
+        """``alpha |v|^(alpha-1)`` for ``v``: Powerpropagation's modified adaptive step (see docs/recipes.md)."""
+        return {"v": self.slope()}
+
     def roles(self) -> dict[str, ParamRole]:
-        # Decay goes on the weight w through the recipe's penalty, as for the compander with fixed a, b.
-        return {"v": ParamRole("powerprop-v", "none")}
+        # The decay goes on the weight w, not on v, as for the compander with fixed a, b.
+        return {"v": ParamRole("powerprop-v", "default", decay_target="composed")}
 
 
 def _check_alpha(v: float) -> str | None:
@@ -58,16 +62,8 @@ class Powerprop(WeightRecipe):
     description = "Powerpropagation: w = v*|v|^(alpha-1) (Schwarz et al.); a baseline of the weight compander paper"
     params = {"alpha": Param(float, 2.0, "the exponent alpha >= 1", _check_alpha)}
 
-    def make_parametrization(self, name: str, module: nn.Module) -> nn.Module:
-        return PowerpropParametrization(module.weight.shape, self.values["alpha"])
-
-    def penalty(self, module: nn.Module, weight_decay: float) -> torch.Tensor | None:
-        """``weight_decay / 2 * ||w||^2`` on the effective weight (not on v)."""
-        return weight_decay_penalty(module, weight_decay)
-
-    def step_scales(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """``alpha |v|^(alpha-1)`` for ``v``: Powerpropagation's modified adaptive step (see docs/recipes.md)."""
-        return {"parametrizations.weight.0.v": self.parametrization(module).slope()}
+    def make_parametrization(self, layer: LayerContext) -> nn.Module:
+        return PowerpropParametrization(layer.module.weight.shape, self.values["alpha"])
 
 
 __all__ = ["Powerprop", "PowerpropParametrization"]

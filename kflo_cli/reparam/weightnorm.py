@@ -3,6 +3,12 @@
 A baseline of the weight compander paper. Every conv and linear weight is split into a direction ``v`` (the
 weight's shape) and a length ``g`` (one per output channel, i.e. per row of the kernel flattened to
 ``out x in/groups*prod(k)``), initialised as ``v = w``, ``g = ||w||``, so expansion is function-preserving.
+
+Why not ``torch.nn.utils.parametrizations.weight_norm``: it computes the same function, but its factors are the
+parametrization's *inputs* (``parametrizations.weight.original0`` / ``original1``), while every kflo recipe owns
+its factors (``parametrizations.weight.0.*``, the layout checkpoints since kflo 0.1 hold), and it starts a zero row
+at ``v = 0, g = 0``, where ``v / ||v||`` is 0/0 and the row never trains again; here a zero row gets a random
+direction with ``g = 0``.
 """
 
 from __future__ import annotations
@@ -10,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_recipe
-from .base import ParamRole, WeightRecipe, weight_decay_penalty
+from .base import LayerContext, ParamRole, WeightRecipe
+from .registry import register_recipe
 
 
 class WeightNormParametrization(nn.Module):
@@ -44,8 +50,9 @@ class WeightNormParametrization(nn.Module):
         return ()
 
     def roles(self) -> dict[str, ParamRole]:
-        # Decay goes on the weight w through the recipe's penalty, as for the compander with fixed a, b.
-        return {"v": ParamRole("weightnorm-v", "none"), "g": ParamRole("weightnorm-g", "none")}
+        # The decay goes on the weight w (i.e. on g, since ||w|| = |g| per row), as for the compander with fixed a, b.
+        return {"v": ParamRole("weightnorm-v", "default", decay_target="composed"),
+                "g": ParamRole("weightnorm-g", "default", decay_target="composed")}
 
 
 @register_recipe
@@ -56,12 +63,8 @@ class WeightNorm(WeightRecipe):
     description = "Weight normalization: w = g * v / ||v|| per output channel (Salimans & Kingma); a compander-paper baseline"
     params = {}
 
-    def make_parametrization(self, name: str, module: nn.Module) -> nn.Module:
-        return WeightNormParametrization(module.weight.shape)
-
-    def penalty(self, module: nn.Module, weight_decay: float) -> torch.Tensor | None:
-        """``weight_decay / 2 * ||w||^2`` on the effective weight, i.e. ``weight_decay / 2 * ||g||^2``."""
-        return weight_decay_penalty(module, weight_decay)
+    def make_parametrization(self, layer: LayerContext) -> nn.Module:
+        return WeightNormParametrization(layer.module.weight.shape)
 
 
 __all__ = ["WeightNorm", "WeightNormParametrization"]

@@ -3,21 +3,40 @@ rules, exact resume, DDP through torchrun) and ``kflo quickstart``. See docs/tra
 
 >>> from kflo_cli.train import resolve_config, start
 >>> result = start(resolve_config({"source": "lenet5", "recipe": ["kflo"], "epochs": 1}), "runs/demo")  # doctest: +SKIP
+>>> result.summary.collapsed.test_acc  # doctest: +SKIP
+
+The names below are imported on first use, so the command line (which builds ``kflo train``'s options from
+:mod:`kflo_cli.train.config`) does not load the engine to print ``--help``.
 """
 
-from .config import TrainConfig, load_config, resolve_config
-from .engine import EXIT_INTERRUPTED, TrainResult, TrainingDiverged, TrainingInterrupted, resume, start
-from .source import recipe_file_train_defaults
+from __future__ import annotations
 
-__all__ = [
-    "EXIT_INTERRUPTED",
-    "TrainConfig",
-    "TrainResult",
-    "TrainingDiverged",
-    "TrainingInterrupted",
-    "load_config",
-    "recipe_file_train_defaults",
-    "resolve_config",
-    "resume",
-    "start",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "TrainConfig": "config",
+    "load_config": "config",
+    "resolve_config": "config",
+    "EXIT_INTERRUPTED": "engine",
+    "TrainResult": "engine",
+    "TrainingDiverged": "engine",
+    "TrainingInterrupted": "engine",
+    "resume": "engine",
+    "start": "engine",
+    "recipe_file_train_defaults": "source",
+    "Best": "summary",
+    "CollapseResult": "summary",
+    "RunSummary": "summary",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted(_WHERE)

@@ -1,7 +1,10 @@
 """The resolved configuration of a training run: built-in defaults < recipe file ``[train]`` table < command line.
 
-Every option of ``kflo train`` is a field of :class:`TrainConfig`. The resolved configuration is written to
-``RUN_DIR/config.json`` and is what ``--resume`` continues with.
+:class:`TrainConfig` is the one definition of the options of ``kflo train``: each field carries its help text and
+its ``--help`` panel in its metadata (:func:`option`), and :func:`kflo_cli.train.commands.train_options` builds
+the command's options from them, so the command line, recipe files' ``[train]`` tables, ``config.json`` and the
+Python API cannot drift apart. The resolved configuration is written to ``RUN_DIR/config.json`` and is what
+``--resume`` continues with.
 """
 
 from __future__ import annotations
@@ -19,72 +22,108 @@ OPTIMIZERS = ("sgd", "adamw")
 #: Optimisers whose update is adaptive (per-coordinate normalised); the compander's modified step applies to them.
 ADAPTIVE_OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "multistep", "constant")
-DECAY_ON = ("factors", "composed")
 COLLAPSE_FROM = ("last", "best", "ema")
 DEVICES = ("auto", "cpu", "cuda")
 
 CONFIG_FILE = "config.json"
 
+#: The ``--help`` panels of ``kflo train``.
+MODEL, DATA, OPTIMISATION, DISTILLATION, RUN = "Model", "Data", "Optimisation", "Distillation", "Run"
+
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def option(default: Any = _NO_DEFAULT, *, help: str, panel: str, factory: Any = None, flags: tuple[str, ...] = (),
+           comma_list: type | None = None, in_recipe_file: bool = True, argument: bool = False) -> Any:
+    """A :class:`TrainConfig` field that is an option of ``kflo train``.
+
+    Args:
+        help: the option's ``--help`` text.
+        panel: the ``--help`` panel it is listed in.
+        factory: a default factory (for lists) instead of ``default``.
+        flags: further names of the option (``-r``); the first is always ``--field-name``.
+        comma_list: a list option given as one comma-separated value (``--milestones 60,120``) of this type;
+            otherwise a list option is repeated (``--recipe a --recipe b``).
+        in_recipe_file: whether a recipe file's ``[train]`` table may set it (it describes how to train, not what).
+        argument: the command's positional argument rather than an option.
+    """
+    meta = {"help": help, "panel": panel, "flags": flags, "comma_list": comma_list, "in_recipe_file": in_recipe_file,
+            "argument": argument, "option": True}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Field docs double as the ``--help`` of ``kflo train``.
+    """Every setting of a training run; each field's metadata holds its ``--help`` text (see :func:`option`).
 
     ``source`` is a model name (fresh model), or a kflo checkpoint (expanded or plain). ``recipe`` and
     ``recipe_file`` expand a model name or a plain checkpoint on the fly; without them a model name trains vanilla.
     """
 
     # -- model -----------------------------------------------------------------------------------------------
-    source: str = ""
-    recipe: list[str] = field(default_factory=list)
-    recipe_file: list[str] = field(default_factory=list)
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    init_from: str | None = None
-    pretrained: bool = False
+    source: str = option("", argument=True, in_recipe_file=False, panel=MODEL, help=(
+        "Model name (vanilla, or expanded on the fly with --recipe), or a checkpoint (expanded or plain); omit with --resume."))
+    recipe: list[str] = option(factory=list, flags=("-r",), in_recipe_file=False, panel=MODEL,
+                               help="NAME or NAME:key=value,...; repeat to combine.")
+    recipe_file: list[str] = option(factory=list, in_recipe_file=False, panel=MODEL,
+                                    help="TOML recipe file (path or bundled name); its [train] table sets defaults.")
+    include: list[str] = option(factory=list, in_recipe_file=False, panel=MODEL, help="Only rewrite layers matching this glob.")
+    exclude: list[str] = option(factory=list, in_recipe_file=False, panel=MODEL, help="Never rewrite layers matching this glob.")
+    init_from: list[str] = option(factory=list, in_recipe_file=False, panel=MODEL, help=(
+        "Plain checkpoint of the architecture to start from; repeat with KFLO to stack further pretrained networks into W_1."))
+    init_from_expanded: str | None = option(None, in_recipe_file=False, panel=MODEL, help=(
+        "ExpandNet +Init: an expanded checkpoint (the trained nonlinear counterpart) whose tensors start this expansion."))
+    pretrained: bool = option(False, panel=MODEL, help="Start from the library's pretrained weights.")
     # -- data ------------------------------------------------------------------------------------------------
-    data: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    val_split: float = 0.0
-    train_fraction: float = 1.0
-    label_noise: float = 0.0
-    augment: bool = True
-    in_chans: int | None = None
-    img_size: int | None = None
-    num_workers: int = 0
-    threads: int | None = None
+    data: str = option("digits", panel=DATA, help=(
+        "digits (bundled), fashion-mnist, mnist, cifar10, cifar100, imagefolder, synthetic."))
+    data_dir: str | None = option(None, panel=DATA, help="Where the data set's files are.")
+    download: bool = option(False, panel=DATA, help="Let torchvision download the data set.")
+    val_split: float = option(0.0, panel=DATA, help="Fraction of the training set held out for validation (selects best).")
+    train_fraction: float = option(1.0, panel=DATA, help="Keep this fraction of each class (KFLO's 40% transfer setting).")
+    label_noise: float = option(0.0, panel=DATA, help="Replace this fraction of training labels at random (ExpandNets' study).")
+    augment: bool = option(True, panel=DATA, help="The data set's standard augmentation.")
+    in_chans: int | None = option(None, panel=DATA, help="Convert the images to this many channels.")
+    img_size: int | None = option(None, panel=DATA, help="Resize the images to this size.")
+    num_workers: int = option(0, panel=DATA, help="DataLoader worker processes.")
     # -- optimisation ----------------------------------------------------------------------------------------
-    seed: int = 0
-    epochs: int = 10
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.02
-    momentum: float = 0.9
-    nesterov: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 5e-4
-    decay_on: str = "factors"
-    decay_norm_bias: bool = False
-    schedule: str = "cosine"
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    min_lr: float = 0.0
-    grad_clip: float | None = None
-    amp: bool = False
-    device: str = "auto"
-    ema: float | None = None
+    seed: int = option(0, panel=OPTIMISATION, help="Seeds initialisation, expansion, data split, order and augmentation.")
+    epochs: int = option(10, panel=OPTIMISATION, help="Training epochs.")
+    batch_size: int = option(64, panel=OPTIMISATION, help="Global batch (split across torchrun processes).")
+    eval_batch_size: int = option(256, panel=OPTIMISATION, help="Batch of the evaluations (validation, test, collapsed model).")
+    optimizer: str = option("sgd", panel=OPTIMISATION, help="sgd or adamw.")
+    lr: float = option(0.02, panel=OPTIMISATION, help="Base learning rate.")
+    momentum: float = option(0.9, panel=OPTIMISATION, help="SGD momentum.")
+    nesterov: bool = option(False, panel=OPTIMISATION, help="Nesterov momentum (SGD).")
+    betas: list[float] = option(factory=lambda: [0.9, 0.999], comma_list=float, panel=OPTIMISATION, help="AdamW betas, e.g. 0.9,0.999.")
+    eps: float = option(1e-8, panel=OPTIMISATION, help="AdamW epsilon.")
+    weight_decay: float = option(5e-4, panel=OPTIMISATION, help="The vanilla weight decay; recipes place it per their paper.")
+    decay_norm_bias: bool = option(False, panel=OPTIMISATION, help="Also decay 1-D parameters (biases, norm layers).")
+    schedule: str = option("cosine", panel=OPTIMISATION, help="cosine, multistep or constant.")
+    milestones: list[int] = option(factory=list, comma_list=int, panel=OPTIMISATION, help="Multistep epochs, e.g. 60,120,160.")
+    gamma: float = option(0.1, panel=OPTIMISATION, help="Multistep factor.")
+    warmup_epochs: float = option(0.0, panel=OPTIMISATION, help="Linear warmup length (may be fractional).")
+    min_lr: float = option(0.0, panel=OPTIMISATION, help="Cosine floor.")
+    grad_clip: float | None = option(None, panel=OPTIMISATION, help="Clip the gradient's total L2 norm.")
+    amp: bool = option(False, panel=OPTIMISATION, help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")
+    device: str = option("auto", panel=OPTIMISATION, help="auto, cpu, cuda or cuda:N.")
+    threads: int | None = option(None, panel=OPTIMISATION, help="CPU threads (torch.set_num_threads); part of the run because float sums depend on it.")
+    ema: float | None = option(None, panel=OPTIMISATION, help="Keep an exponential moving average with this decay, e.g. 0.999.")
     # -- distillation ----------------------------------------------------------------------------------------
-    teacher: str | None = None
-    teacher_checkpoint: str | None = None
-    kd_alpha: float = 0.5
-    kd_temperature: float = 4.0
+    teacher: str | None = option(None, panel=DISTILLATION, help="Teacher architecture (for a plain weights file).")
+    teacher_checkpoint: str | None = option(None, panel=DISTILLATION, help="The trained teacher's checkpoint.")
+    kd_alpha: float = option(0.5, panel=DISTILLATION, help="Weight of the distillation term.")
+    kd_temperature: float = option(4.0, panel=DISTILLATION, help="Softmax temperature.")
     # -- end of run ------------------------------------------------------------------------------------------
-    collapse_from: str = "last"
-    verify_rtol: float | None = None
+    collapse_from: str = option("last", panel=RUN, help="Which weights to collapse at the end: last, best or ema.")
+    verify_rtol: float | None = option(None, panel=RUN, help=(
+        "Pass threshold of the final equivalence check (default: 1e-5 for float32, 1e-10 for float64)."))
+    # -- recorded, not an option -------------------------------------------------------------------------------
+    #: The settings that came from the recipe files' ``[train]`` tables (name -> value), for config.json and the
+    #: line printed at the start of a run. Set by :func:`resolve_config`.
+    from_recipe_file: dict[str, Any] = field(default_factory=dict, metadata={"option": False})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,7 +133,6 @@ class TrainConfig:
         checks: list[tuple[bool, str]] = [
             (self.optimizer in OPTIMIZERS, f"--optimizer '{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"--schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}"),
-            (self.decay_on in DECAY_ON, f"--decay-on '{self.decay_on}' is not one of {', '.join(DECAY_ON)}"),
             (self.collapse_from in COLLAPSE_FROM, f"--collapse-from '{self.collapse_from}' is not one of {', '.join(COLLAPSE_FROM)}"),
             (self.device in DEVICES or self.device.startswith("cuda:"), f"--device '{self.device}' is not auto, cpu, cuda or cuda:N"),
             (self.epochs >= 1, f"--epochs {self.epochs} must be at least 1"),
@@ -105,8 +143,8 @@ class TrainConfig:
             (math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr} must be a number > 0"),
             (0 <= self.momentum < 1, f"--momentum {self.momentum} must be in [0, 1)"),
             (not (self.nesterov and self.momentum == 0), "--nesterov needs --momentum > 0"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas {self.betas} must be two numbers in [0, 1)"),
-            (self.eps > 0, f"eps {self.eps} must be > 0"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"--betas {self.betas} must be two numbers in [0, 1)"),
+            (self.eps > 0, f"--eps {self.eps} must be > 0"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0"),
             (self.gamma > 0, f"--gamma {self.gamma} must be > 0"),
             (all(m >= 1 for m in self.milestones), f"--milestones {self.milestones} must be epochs >= 1"),
@@ -120,7 +158,7 @@ class TrainConfig:
             (0 <= self.label_noise <= 1, f"--label-noise {self.label_noise} must be in [0, 1]"),
             (0 <= self.kd_alpha <= 1, f"--kd-alpha {self.kd_alpha} must be in [0, 1]"),
             (self.kd_temperature > 0, f"--kd-temperature {self.kd_temperature} must be > 0"),
-            (self.verify_rtol is None or self.verify_rtol > 0, f"verify_rtol {self.verify_rtol} must be > 0"),
+            (self.verify_rtol is None or self.verify_rtol > 0, f"--verify-rtol {self.verify_rtol} must be > 0"),
             (self.collapse_from != "ema" or self.ema is not None, "--collapse-from ema needs --ema DECAY"),
             (not (self.teacher and not self.teacher_checkpoint), "--teacher needs --teacher-checkpoint FILE (the trained teacher's weights)"),
         ]
@@ -130,8 +168,21 @@ class TrainConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+#: The fields that are options of ``kflo train`` (all but what a run records about itself).
+OPTIONS: dict[str, dataclasses.Field] = {n: f for n, f in FIELDS.items() if f.metadata.get("option")}
 #: Options that only a command line may set (a recipe file's [train] table describes how to train, not what).
-NOT_IN_RECIPE_FILE = ("source", "recipe", "recipe_file", "include", "exclude", "init_from")
+NOT_IN_RECIPE_FILE = tuple(n for n, f in OPTIONS.items() if not f.metadata["in_recipe_file"])
+
+#: Settings that left TrainConfig, with what replaces them.
+MOVED = {
+    "decay_on": "the ExpandNet decay rule is now a recipe parameter: use --recipe expandnet-ck:decay=composed "
+                "(or decay = \"composed\" in the recipe file's [[recipe]] table)",
+}
+
+
+def flag(name: str) -> str:
+    """``weight_decay`` -> ``--weight-decay``."""
+    return "--" + name.replace("_", "-")
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -157,13 +208,17 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         if not math.isfinite(value):  # no option means anything by inf or nan
-            said = f"--{name.replace('_', '-')} {value}" if where == "command line" else f"{where}: {name} = {value}"
+            said = f"{flag(name)} {value}" if where == "command line" else f"{where}: {name} = {value}"
             raise KfloError(f"{said} is not a finite number; give a finite value")
         return float(value)
     if base == "str":
         if not isinstance(value, str):
             raise bad
         return value
+    if base.startswith("dict["):
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
     if base.startswith("list["):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise bad
@@ -187,8 +242,14 @@ def _normalise_key(key: str) -> str:
     return key.replace("-", "_")
 
 
+def _moved(name: str, where: str = "") -> KfloError:
+    return KfloError(f"{where + ': ' if where else ''}{name} is no longer a training option; {MOVED[name]}")
+
+
 def resolve_config(overrides: dict[str, Any], file_defaults: dict[str, Any] | None = None, *, file_name: str = "recipe file") -> TrainConfig:
     """Merge built-in defaults, a recipe file's ``[train]`` table and command-line overrides (in that order).
+
+    The settings taken from the file are recorded in :attr:`TrainConfig.from_recipe_file`.
 
     Args:
         overrides: options given on the command line (``None`` values mean "not given" and are ignored).
@@ -199,37 +260,52 @@ def resolve_config(overrides: dict[str, Any], file_defaults: dict[str, Any] | No
     0.1
     """
     values: dict[str, Any] = {}
-    from_file: set[str] = set()
+    from_file: dict[str, Any] = {}
     for key, value in (file_defaults or {}).items():
         name = _normalise_key(key)
-        if name not in FIELDS or name in NOT_IN_RECIPE_FILE:
-            allowed = ", ".join(n for n in FIELDS if n not in NOT_IN_RECIPE_FILE)
+        if name in MOVED:
+            raise _moved(name, f"{file_name} [train]")
+        if name not in OPTIONS or name in NOT_IN_RECIPE_FILE:
+            allowed = ", ".join(n for n in OPTIONS if n not in NOT_IN_RECIPE_FILE)
             raise KfloError(f"{file_name}: [train] has no option '{key}'; allowed: {allowed}")
-        values[name] = _coerce(name, value, f"{file_name} [train]")
-        from_file.add(name)
+        values[name] = from_file[name] = _coerce(name, value, f"{file_name} [train]")
     for key, value in overrides.items():
         if value is None:
             continue
         name = _normalise_key(key)
-        if name not in FIELDS:
+        if name in MOVED:
+            raise _moved(name)
+        if name not in OPTIONS:
             raise KfloError(f"unknown training option '{key}'")
         values[name] = _coerce(name, value, "command line")
-        from_file.discard(name)
-    config = TrainConfig(**values)
+        from_file.pop(name, None)
+    config = TrainConfig(**values, from_recipe_file=from_file)
     try:
         config.validate()
     except KfloError as exc:  # name the file when the bad value came from it, not from a flag
         for name in from_file:
-            flag = "--" + name.replace("_", "-")
-            if str(exc).startswith(flag + " "):
+            if str(exc).startswith(flag(name) + " "):
                 raise KfloError(f"{file_name} [train]: {name} = {values[name]!r} is invalid ({exc}); fix the file "
-                                f"or override it with {flag}") from None
+                                f"or override it with {flag(name)}") from None
         raise
     return config
 
 
+def _upgrade(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A config.json written before the redesign, in today's terms (or one sentence on what cannot carry over)."""
+    data = dict(data)
+    if "decay_on" in data:
+        if data.pop("decay_on") not in (None, "factors"):  # "factors" is today's default
+            raise KfloError(f"{where} sets decay_on = \"composed\", which is no longer a training option; "
+                            f"{MOVED['decay_on']}, and start the run again with -o")
+    if "init_from" in data and not isinstance(data["init_from"], list):
+        data["init_from"] = [] if data["init_from"] is None else [data["init_from"]]
+    return data
+
+
 def config_from_dict(data: dict[str, Any], where: str) -> TrainConfig:
     """Rebuild a configuration saved with :meth:`TrainConfig.to_dict` (unknown keys are an error)."""
+    data = _upgrade(data, where)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise KfloError(f"{where} has unknown settings {', '.join(unknown)}; it was written by a newer kflo, upgrade kflo")
@@ -255,12 +331,12 @@ def check_resume_overrides(saved: TrainConfig, overrides: dict[str, Any]) -> Non
     changed = []
     for key, value in overrides.items():
         name = _normalise_key(key)
-        if value is None or name not in FIELDS:
+        if value is None or name not in OPTIONS:
             continue
         if _coerce(name, value, "command line") != getattr(saved, name):
             changed.append(name)
     if changed:
-        flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+        flags = ", ".join(flag(n) for n in changed)
         raise KfloError(f"--resume continues the saved run unchanged, but {flags} differ from its config.json; drop them or start a new run with -o")
 
 
@@ -268,12 +344,14 @@ __all__ = [
     "ADAPTIVE_OPTIMIZERS",
     "COLLAPSE_FROM",
     "CONFIG_FILE",
-    "DECAY_ON",
     "OPTIMIZERS",
+    "OPTIONS",
     "SCHEDULES",
     "TrainConfig",
     "check_resume_overrides",
     "config_from_dict",
+    "flag",
     "load_config",
+    "option",
     "resolve_config",
 ]

@@ -1,9 +1,10 @@
 """Each recipe's optimisation rules: parameter groups, penalties, the modified adaptive step and the schedule.
 
-* Parameter groups follow :func:`kflo_cli.roles.param_roles`: KFLO (Henig & Giryes) puts no decay on W_1 and
-  1e-9 on the cascade, plus the vanilla decay on the composed kernel as a loss penalty; the weight compander
-  (Cakaj, Mehnert & Yang) decays Psi(v) (fixed a, b) or v (learnable a, b); ExpandNets (Guo, Alvarez &
-  Salzmann) decay every factor, or with ``decay_on="composed"`` the product (Arora et al.'s product-L2 form).
+* Parameter groups and penalties follow the recipes' parameter roles (:func:`kflo_cli.roles.param_roles`), which
+  carry each rule: KFLO (Henig & Giryes) decays the composed kernel (a loss term) and puts 1e-9 on the cascade;
+  the weight compander (Cakaj, Mehnert & Yang) decays Psi(v) (fixed a, b) or v (learnable a, b); ExpandNets
+  (Guo, Alvarez & Salzmann) decay every factor, or with ``decay=composed`` the product. This module knows no
+  recipe by name: a plugin's roles get the same treatment.
 * The compander's modified adaptive step (Adam family): the adaptive step is computed from dL/dPsi(v) and then
   multiplied by Psi'(v) (see :class:`ModifiedAdaptiveStep`).
 * :func:`optimizer_step` is the one place where backward, AMP unscaling, clipping and the step are ordered.
@@ -20,13 +21,8 @@ import torch.nn as nn
 
 from ..errors import KfloError
 from ..reparam import ParamRole
-from ..reparam.base import weight_decay_penalty
-from ..roles import decay_penalty, param_roles, step_scales
-from ..surgery import rewritten_layers
+from ..roles import composed_decays, decay_penalty, param_roles, resolve_decay, step_scales
 from .config import ADAPTIVE_OPTIMIZERS, TrainConfig
-
-#: The role kind whose decay ``decay_on="composed"`` moves onto the layer's composed weight.
-EXPANDNET_FACTOR = "expandnet-factor"
 
 
 @dataclass
@@ -45,25 +41,19 @@ class GroupSpec:
 
 
 def effective_decay(name: str, param: torch.Tensor, role: ParamRole, config: TrainConfig) -> tuple[float, str]:
-    """The weight decay of one parameter and the label of its group.
+    """The optimizer's weight decay of one parameter and the label of its group.
 
-    A recipe's explicit ``"none"`` or float wins. ``"default"`` means the run's ``--weight-decay``, except on
+    A role whose decay targets the composed weight gets none here (the loss term of :func:`total_penalty` carries
+    it). A recipe's explicit ``"none"`` or float wins. ``"default"`` means the run's ``--weight-decay``, except on
     1-D parameters (biases, norm scales and shifts), which get none unless ``--decay-norm-bias`` (timm's
     convention: decaying a BatchNorm scale fights the normalisation, and biases do not over-fit).
-    With ``--decay-on composed``, ExpandNet factors get none: the decay moves onto their product.
     """
     kind = role.kind
-    if kind == EXPANDNET_FACTOR and config.decay_on == "composed":
-        return 0.0, f"{kind} (decay on product)"
-    if role.weight_decay == "none":
-        return 0.0, kind
-    if isinstance(role.weight_decay, (int, float)) and not isinstance(role.weight_decay, bool):
-        return float(role.weight_decay), kind
-    if role.weight_decay != "default":
-        raise KfloError(f"parameter {name} has weight-decay role {role.weight_decay!r}; a recipe must give 'default', 'none' or a number")
-    if param.ndim <= 1 and not config.decay_norm_bias:
+    if role.decay_target == "composed":
+        return 0.0, f"{kind} (decay on composed weight)"
+    if role.weight_decay == "default" and param.ndim <= 1 and not config.decay_norm_bias:
         return 0.0, f"{kind} 1-D (bias/norm)"
-    return config.weight_decay, kind
+    return resolve_decay(role, config.weight_decay), kind
 
 
 def build_param_groups(model: nn.Module, config: TrainConfig) -> list[GroupSpec]:
@@ -84,54 +74,18 @@ def build_param_groups(model: nn.Module, config: TrainConfig) -> list[GroupSpec]
     return list(groups.values())
 
 
-def composed_decay_layers(model: nn.Module, config: TrainConfig) -> list[tuple[str, nn.Module]]:
-    """Layers whose composed weight carries the decay because of ``--decay-on composed``."""
-    if config.decay_on != "composed":
-        return []
-    layers = []
-    roles = param_roles(model)
-    for name, module, recipe in rewritten_layers(model):
-        prefix = f"{name}." if name else ""
-        local = [n for n, _ in module.named_parameters()]
-        if not any(roles.get(prefix + n, ParamRole("ordinary")).kind == EXPANDNET_FACTOR for n in local):
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
-            raise KfloError(
-                f"--decay-on composed needs the composed weight of layer '{name}' ({recipe.name}), which this form of "
-                "the recipe does not expose as .weight; use --decay-on factors or the recipe's weight-space form"
-            )
-        layers.append((name, module))
-    return layers
+def total_penalty(model: nn.Module, config: TrainConfig) -> torch.Tensor:
+    """The loss term of the recipes' composed-weight decays (:func:`kflo_cli.roles.decay_penalty`)."""
+    return decay_penalty(model, config.weight_decay)
 
 
-def total_penalty(model: nn.Module, config: TrainConfig, composed: list[tuple[str, nn.Module]]) -> torch.Tensor:
-    """The recipes' penalties plus ``wd/2 * ||W||^2`` on composed weights for ``--decay-on composed``.
-
-    The 1/2 matches KFLO's convention (kflo_cli/reparam/kflo.py): the gradient is ``wd * W``, what SGD's
-    ``weight_decay`` does to a plain weight, so the product is decayed exactly as hard as the vanilla layer.
-    """
-    wd = config.weight_decay
-    total = decay_penalty(model, wd)
-    if wd:
-        for _, module in composed:
-            total = total + weight_decay_penalty(module, wd)
-    return total
-
-
-def penalty_rows(model: nn.Module, config: TrainConfig, composed: list[tuple[str, nn.Module]]) -> list[tuple[str, int, float]]:
+def penalty_rows(model: nn.Module, config: TrainConfig) -> list[tuple[str, int, float]]:
     """(description, number of layers, weight decay) of every penalty term, for the table at the start."""
-    wd = config.weight_decay
-    counts: dict[str, int] = {}
-    if wd:
-        with torch.no_grad():
-            for _, module, recipe in rewritten_layers(model):
-                if recipe.penalty(module, wd) is not None:
-                    counts[f"{recipe.name} penalty (loss term)"] = counts.get(f"{recipe.name} penalty (loss term)", 0) + 1
-    rows = [(label, n, wd) for label, n in counts.items()]
-    if composed and wd:
-        rows.append(("wd/2 * ||composed W||^2 (--decay-on composed)", len(composed), wd))
-    return rows
+    rows: dict[tuple[str, float], int] = {}
+    for _, _, recipe, decay in composed_decays(model, config.weight_decay):
+        key = (f"{recipe}: decay/2 * ||composed W||^2 (loss term)", decay)
+        rows[key] = rows.get(key, 0) + 1
+    return [(label, n, decay) for (label, decay), n in rows.items()]
 
 
 def build_optimizer(groups: list[GroupSpec], config: TrainConfig) -> torch.optim.Optimizer:
@@ -256,17 +210,6 @@ class Schedule:
             group["lr"] = lr
         return lr
 
-    def state_dict(self, step: int) -> dict[str, Any]:
-        return {"kind": self.kind, "step": step, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
-
-
-@dataclass
-class StepOutcome:
-    """What :func:`optimizer_step` did: the gradient norm before clipping (if measured) and whether it stepped."""
-
-    grad_norm: float | None
-    stepped: bool
-
 
 def optimizer_step(
     loss: torch.Tensor,
@@ -275,7 +218,7 @@ def optimizer_step(
     *,
     scaler: torch.amp.GradScaler | None = None,
     clip_norm: float | None = None,
-) -> StepOutcome:
+) -> None:
     """Backward, then the AMP/clipping/step sequence in the only order that is right.
 
     1. backward on the (scaled) loss;
@@ -290,30 +233,22 @@ def optimizer_step(
     (scaler.scale(loss) if scaled else loss).backward()
     if scaled:
         scaler.unscale_(optimizer)
-    grad_norm = None
     if clip_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
-    stepped = True
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
     if scaled:
-        before = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
-        stepped = scaler.get_scale() >= before
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(grad_norm, stepped)
 
 
 __all__ = [
-    "EXPANDNET_FACTOR",
     "GroupSpec",
     "ModifiedAdaptiveStep",
     "Schedule",
-    "StepOutcome",
     "build_optimizer",
     "build_param_groups",
-    "composed_decay_layers",
     "effective_decay",
     "optimizer_step",
     "penalty_rows",

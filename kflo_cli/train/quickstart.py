@@ -18,6 +18,7 @@ from rich.table import Table
 from .config import resolve_config
 from .engine import start
 from .report import make_console
+from .summary import RunSummary
 
 #: Hyperparameters of the quickstart (both runs); small enough for a laptop CPU, large enough to converge.
 QUICKSTART = {
@@ -46,7 +47,7 @@ def _root(output: str | Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def quickstart(output: str | Path | None = None, *, epochs: int | None = None, seed: int = 0, console: Any = None) -> dict[str, Any]:
+def quickstart(output: str | Path | None = None, *, epochs: int | None = None, seed: int = 0, console: Any = None) -> dict[str, RunSummary]:
     """Train vanilla and KFLO 2x4 LeNet-5 on digits, collapse and verify the KFLO one, print both accuracies.
 
     Args:
@@ -56,7 +57,7 @@ def quickstart(output: str | Path | None = None, *, epochs: int | None = None, s
         console: a rich console (default: stdout).
 
     Returns:
-        ``{"vanilla": summary, "kflo": summary}`` (see :func:`kflo_cli.train.start`).
+        ``{"vanilla": RunSummary, "kflo": RunSummary}`` (see :class:`kflo_cli.train.summary.RunSummary`).
     """
     out = console or make_console()
     settings = dict(QUICKSTART, seed=seed)
@@ -67,19 +68,19 @@ def quickstart(output: str | Path | None = None, *, epochs: int | None = None, s
         vanilla = start(resolve_config(settings), root / "vanilla", overwrite=True, console=out).summary
         out.print("[bold]2/2[/] LeNet-5 expanded with KFLO 2x4 on digits, then collapsed")
         kflo = start(resolve_config({**settings, "recipe": ["kflo:depth=2,width=4"]}), root / "kflo-2x4", overwrite=True, console=out).summary
-    collapsed = kflo["collapsed"]
+    collapsed = kflo.collapsed
     table = Table(title="quickstart: LeNet-5 on digits, same seed, data and hyperparameters")
     for col in ("model", "parameters trained", "parameters deployed", "test accuracy"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    table.add_row("vanilla", f"{vanilla['params_trained']:,}", f"{vanilla['params_trained']:,}", f"{vanilla['final_test_acc']:.2f}%")
-    table.add_row("KFLO 2x4, collapsed", f"{kflo['params_trained']:,}", f"{collapsed['params']:,}", f"{collapsed['test_acc']:.2f}%")
+    table.add_row("vanilla", f"{vanilla.params_trained:,}", f"{vanilla.params_trained:,}", f"{vanilla.final_test_acc:.2f}%")
+    table.add_row("KFLO 2x4, collapsed", f"{kflo.params_trained:,}", f"{collapsed.params:,}", f"{collapsed.test_acc:.2f}%")
     out.print(table)
-    n = kflo["test_samples"]
+    n = kflo.test_samples
     out.print(f"{n} test images, so one image is {100 / n:.2f} points: differences of a point or less are noise.")
-    verdict = "[green]PASS[/]" if collapsed["verification"]["passed"] else "[red]FAIL[/]"
+    proof = collapsed.verification
     out.print(
-        f"verification of the collapsed KFLO model: {verdict} (relative error {collapsed['verification']['rel_error']:.2e}); "
-        f"loads strictly into a plain LeNet-5: {'yes' if collapsed['strict_load'] else 'NO'}"
+        f"verification of the collapsed KFLO model: {'[green]PASS[/]' if proof.passed else '[red]FAIL[/]'} "
+        f"(relative error {proof.rel_error:.2e}); loads strictly into a plain LeNet-5: {'yes' if collapsed.strict_load else 'NO'}"
     )
     if output is not None:
         out.print(f"runs kept in {output}")

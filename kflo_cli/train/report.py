@@ -7,13 +7,16 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .._atomic import write_text_atomic
+
+if TYPE_CHECKING:
+    from .summary import RunSummary
 
 #: Column order of metrics.csv (keys missing from a run are left out).
 COLUMNS = (
@@ -78,38 +81,38 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
+def summary_table(summary: "RunSummary") -> Table:
     """The end-of-run table."""
-    table = Table(title=f"run summary: {summary['run_dir']}", show_header=False)
+    table = Table(title=f"run summary: {summary.run_dir}", show_header=False)
     table.add_column("item")
     table.add_column("value")
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}%"
 
-    table.add_row("model", f"{summary['model_id']} ({summary['kind']})")
-    table.add_row("epochs / steps", f"{summary['epochs']} / {summary['steps']}")
-    table.add_row("final test accuracy (trained model)", pct(summary.get("final_test_acc")))
-    best = summary.get("best")
+    table.add_row("model", f"{summary.model_id} ({summary.kind})")
+    table.add_row("epochs / steps", f"{summary.epochs} / {summary.steps}")
+    table.add_row("final test accuracy (trained model)", pct(summary.final_test_acc))
+    best = summary.best
     if best:
-        table.add_row(f"best {best['by']} accuracy", f"{pct(best['value'])} at epoch {best['epoch']}")
-    if summary.get("ema_test_acc") is not None:
-        table.add_row("EMA test accuracy", pct(summary["ema_test_acc"]))
-    collapsed = summary.get("collapsed")
+        table.add_row(f"best {best.by} accuracy", f"{pct(best.value)} at epoch {best.epoch}")
+    if summary.ema_test_acc is not None:
+        table.add_row("EMA test accuracy", pct(summary.ema_test_acc))
+    collapsed = summary.collapsed
     if collapsed:
-        verdict = "PASS" if collapsed["verification"]["passed"] else "FAIL"
-        table.add_row("collapsed from", collapsed["from"])
-        table.add_row("collapsed test accuracy", pct(collapsed["test_acc"]))
-        table.add_row("verification", f"{verdict} (relative error {collapsed['verification']['rel_error']:.2e})")
-        table.add_row("strict load into the original architecture", "yes" if collapsed["strict_load"] else "NO")
-        table.add_row("parameters trained / deployed", f"{summary['params_trained']:,} / {collapsed['params']:,}")
+        proof = collapsed.verification
+        table.add_row("collapsed from", collapsed.collapsed_from)
+        table.add_row("collapsed test accuracy", pct(collapsed.test_acc))
+        table.add_row("verification", f"{'PASS' if proof.passed else 'FAIL'} (relative error {proof.rel_error:.2e})")
+        table.add_row("strict load into the original architecture", "yes" if collapsed.strict_load else "NO")
+        table.add_row("parameters trained / deployed", f"{summary.params_trained:,} / {collapsed.params:,}")
     else:
-        table.add_row("parameters", f"{summary['params_trained']:,}")
-    if summary.get("not_collapsed"):
-        table.add_row("collapse", f"skipped: {summary['not_collapsed']}")
-    if summary.get("world_size", 1) > 1:
-        table.add_row("processes", f"{summary['world_size']} (ranks identical: {summary.get('ranks_identical')})")
-    table.add_row("time", f"{summary['seconds']:.1f} s")
+        table.add_row("parameters", f"{summary.params_trained:,}")
+    if summary.not_collapsed:
+        table.add_row("collapse", f"skipped: {summary.not_collapsed}")
+    if summary.world_size > 1:
+        table.add_row("processes", f"{summary.world_size} (ranks identical: {summary.ranks_identical})")
+    table.add_row("time", f"{summary.seconds:.1f} s")
     return table
 
 

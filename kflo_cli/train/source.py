@@ -197,36 +197,44 @@ def prepare(config: TrainConfig, data: Any = None) -> Prepared:
         data: a ready :class:`kflo_cli.data.DataBundle` to use instead of ``config.data`` (library use, tests).
     """
     from ..checkpoint import load_plain_weights
-    from ..surgery import as_selections, expand, is_expanded
+    from ..pipeline import expand_model
+    from ..surgery import is_expanded
 
     injected = data is not None
     args = (config.in_chans, config.img_size)
     if data is None:
         data = load_data(config, in_chans=args[0], img_size=args[1])
     specs = recipe_specs(config)
-    note = ""
+    init_from = list(config.init_from or [])
+    notes = []
     if not config.source:
         raise KfloError("no SOURCE; pass a model name (e.g. lenet5) or a checkpoint from kflo expand")
     if is_checkpoint(config.source):
-        if config.init_from:
-            raise KfloError("--init-from applies to a model name; a checkpoint SOURCE already holds its weights")
+        if init_from or config.init_from_expanded:
+            raise KfloError("--init-from and --init-from-expanded apply to a model name; a checkpoint SOURCE already "
+                            "holds its weights")
         model, data, args = _model_from_checkpoint(config, data, args, injected)
         if is_expanded(model):
             if config.recipe:
                 raise KfloError(f"{config.source} is already expanded; drop --recipe or pass a plain checkpoint")
             if specs:
-                note = "SOURCE is already expanded: the recipe files' [train] tables apply, their [[recipe]] tables do not"
+                notes.append("SOURCE is already expanded: the recipe files' [train] tables apply, their [[recipe]] "
+                             "tables do not")
             specs = []
     else:
         model, data, args = _model_by_name(config, data, args, injected)
-        if config.init_from:
-            load_plain_weights(model, config.init_from)
-    if specs:
-        expand(model, as_selections(specs), include=config.include, exclude=config.exclude, seed=config.seed)
+    if specs or config.init_from_expanded:
+        model = expand_model(model, specs, include=config.include, exclude=config.exclude, init_from=init_from,
+                             init_from_expanded=config.init_from_expanded, seed=config.seed, note=notes.append)
     elif config.include or config.exclude:
         raise KfloError("--include/--exclude select layers for a recipe; add --recipe or --recipe-file")
+    elif len(init_from) > 1:
+        raise KfloError("several --init-from networks are stacked by a recipe (kflo); add --recipe kflo:width=N for N "
+                        "networks, or pass one --init-from")
+    elif init_from:
+        load_plain_weights(model, init_from[0])
     vanilla = not is_expanded(model)
-    return Prepared(model, data, (data.in_chans, data.img_size, data.img_size), vanilla, note, args)
+    return Prepared(model, data, (data.in_chans, data.img_size, data.img_size), vanilla, "; ".join(notes), args)
 
 
 def load_teacher(config: TrainConfig, input_size: tuple[int, ...], num_classes: int) -> nn.Module | None:

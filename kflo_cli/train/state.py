@@ -1,4 +1,5 @@
-"""The training state for exact resume, written atomically as one safetensors file (tensors + JSON metadata).
+"""The training state for exact resume, written atomically as one safetensors file (tensors + JSON metadata), and
+the run's counters (:class:`Counters`).
 
 ``RUN_DIR/state.safetensors`` holds the model, optimizer, EMA and AMP-scaler state, the step counters, the
 running sums of the epoch in progress, the metrics history and every rank's RNG states (torch CPU, CUDA,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,61 @@ from safetensors.torch import save_file
 
 from .._atomic import atomic_path
 from ..errors import KfloError
+from .summary import Best
 
 STATE_FILE = "state.safetensors"
 STATE_FORMAT = 1
 _META = "kflo_train_state"
+
+
+# -- counters ----------------------------------------------------------------------------------------------------
+def _new_sums() -> dict[str, float]:
+    return {"loss": 0.0, "correct": 0.0, "count": 0.0, "penalty": 0.0, "steps": 0}
+
+
+@dataclass
+class Counters:
+    """Where a run is: its step counters, the running sums of the epoch in progress, the metrics history and the
+    best epoch so far. Saved in the state's ``info`` block under these names."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps done in the epoch in progress
+    global_step: int = 0
+    sums: dict[str, float] = field(default_factory=_new_sums)  # loss*n, correct, count, penalty, steps
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per epoch
+    best: Best | None = None
+    finished: bool = False  # the end-of-run collapse is done
+
+    def add_step(self, loss_sum: float, correct: float, count: float, penalty: float) -> None:
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.sums["loss"] += loss_sum
+        self.sums["correct"] += correct
+        self.sums["count"] += count
+        self.sums["penalty"] += penalty
+        self.sums["steps"] += 1
+
+    def end_epoch(self, row: dict[str, Any], by: str) -> bool:
+        """Record an epoch's metrics row; return whether it is the new best by ``{by}_acc``."""
+        self.history.append(row)
+        improved = self.best is None or row[f"{by}_acc"] > self.best.value
+        if improved:
+            self.best = Best(by, row[f"{by}_acc"], row["epoch"])
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.sums = _new_sums()
+        return improved
+
+    def to_info(self) -> dict[str, Any]:
+        info = asdict(self)
+        info["sums"] = dict(self.sums)
+        return info
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> "Counters":
+        best = info["best"]
+        return cls(info["epoch"], info["step_in_epoch"], info["global_step"], dict(info["sums"]), info["history"],
+                   Best(**best) if best else None, info["finished"])
 
 
 # -- RNG ---------------------------------------------------------------------------------------------------------
@@ -170,4 +223,4 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
-__all__ = ["STATE_FILE", "capture_rng", "load_state", "restore_rng", "save_state", "seed_everything"]
+__all__ = ["STATE_FILE", "Counters", "capture_rng", "load_state", "restore_rng", "save_state", "seed_everything"]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data_formats import read_image
-from .errors import KfloError
+from ..errors import KfloError
+from .formats import read_image
 
 #: ITU-R BT.601 luma weights, the ones PIL's ``convert("L")`` and torchvision's ``rgb_to_grayscale`` use.
 LUMA = (0.299, 0.587, 0.114)

@@ -4,7 +4,7 @@ the ``--download`` pass-through to torchvision's download helpers.
 
 Every reader returns numpy arrays or file lists and raises :class:`~kflo_cli.errors.KfloError` naming the file
 that is missing or broken and how to get a good one. Nothing here is specific to a training run; the splits,
-label noise and tensors are built in :mod:`kflo_cli.data`.
+label noise and tensors are built in the rest of :mod:`kflo_cli.data`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import KfloError
+from ..errors import KfloError
 
 # -- where files are looked for -----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Imports every built-in recipe module so that each registers itself. Add new recipe modules here."""
+"""The built-in recipe modules; importing one registers its recipes. Add a new built-in recipe module here."""
 
 import importlib
 
