@@ -267,11 +267,13 @@ def supports_float64(device: torch.device) -> bool:
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that also works when it caches computed tensors.
+    """A copy of ``model`` for collapse and verification that does not depend on the model being deep-copyable.
 
     Some models keep tensors computed in a forward pass in ordinary attributes (timm's LeViT and EfficientViT cache
     attention biases in eval mode). After a forward with gradients enabled those are non-leaf tensors, which
-    ``copy.deepcopy`` refuses; the copy gets them detached (they are caches: the same values, no history).
+    ``copy.deepcopy`` refuses; the copy gets them detached (they are caches: the same values, no history). A model
+    that still cannot be deep-copied (an attribute holding a lock, a file, a generator) is rebuilt from its record
+    instead: the architecture built afresh, the recorded expansion re-run, the model's tensors loaded.
     """
     memo: dict[int, Any] = {}
     for module in model.modules():
@@ -281,7 +283,20 @@ def copy_model(model: nn.Module) -> nn.Module:
             for tensor in tensors_in(value):
                 if tensor.grad_fn is not None:
                     memo[id(tensor)] = tensor.detach().clone()
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, memo)
+    except (RuntimeError, TypeError) as exc:
+        if not record(model).model_id:
+            raise KfloError(f"cannot copy this model ({type(exc).__name__}: {exc}); build it with kflo.create_model so "
+                            "kflo can rebuild it from its record, or make it deep-copyable") from None
+        from .checkpoint import load_into, model_metadata, rebuild
+
+        fresh = rebuild(model_metadata(model))
+        first = next((p for p in model.parameters()), None)
+        if first is not None:
+            fresh.to(device=first.device, dtype=model_dtype(model))
+        load_into(fresh, model.state_dict())
+        return fresh.train(model.training)
 
 
 def collapse(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:

@@ -252,3 +252,25 @@ def test_kflo_train_continues_a_nonlinear_counterpart(tmp_path):
     assert (tmp_path / "second" / "collapsed.safetensors").is_file()
     meta = kflo.read_metadata(tmp_path / "second" / "last.safetensors")
     assert [e["params"]["nonlinear"] for e in meta["recipes"]] == ["none"]
+
+
+def test_collapse_of_a_model_that_cannot_be_deep_copied_rebuilds_it_from_its_record():
+    import threading
+
+    torch.manual_seed(0)
+    model = kflo.expand(kflo.create_model("lenet5", num_classes=10), "kflo:width=2")
+    perturb(model, 0.1)
+    model.lock = threading.Lock()  # deepcopy refuses: "cannot pickle '_thread.lock' object"
+    with pytest.raises(TypeError):
+        import copy
+
+        copy.deepcopy(model)
+    plain = kflo.collapse(model)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert rel_err(model.eval()(x), plain.eval()(x)) < 1e-5
+    assert kflo.verify_equivalence(model, plain, input_size=(1, 28, 28)).passed
+    anonymous = kflo.expand(nn.Sequential(nn.Linear(3, 3)), "kflo")
+    anonymous.lock = threading.Lock()
+    with pytest.raises(KfloError, match="build it with kflo.create_model"):
+        kflo.collapse(anonymous)
