@@ -167,7 +167,13 @@ def test_summary_and_paired_test_known_values():
     assert c.welch_p == pytest.approx(0.3168353193316251)  # scipy.stats.ttest_ind(equal_var=False)
     worse = paired_test({0: 80.0, 1: 81.0, 2: 79.5}, {0: 90.0, 1: 90.2, 2: 89.9})
     assert worse.verdict == "worse" and worse.p < 0.05
-    assert paired_test({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5}).p == 0.0  # identical differences: no noise at all
+    # two pairs: no verdict (one degree of freedom)
+    assert paired_test({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5}).verdict == "n/a"
+    # identical differences: the t statistic is undefined, the exact sign test decides (n = 3: p = 0.25, n = 6: 0.03125)
+    same = paired_test({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.5, 1: 1.5, 2: 2.5})
+    assert same.p == 0.25 and same.verdict == "within noise"
+    six = paired_test({k: k + 1.0 for k in range(6)}, {k: k + 0.5 for k in range(6)})
+    assert six.p == 0.03125 and six.verdict == "better"
     assert paired_test({0: 1.0, 3: 2.0}, {0: 0.5, 1: 1.5}).verdict == "n/a"  # one common seed
     assert summarize([5.0]).std is None and welch_test([1.0], [2.0, 3.0]) == (None, None)
 

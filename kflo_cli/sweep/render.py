@@ -12,7 +12,7 @@ from typing import Any
 from .._atomic import write_text_atomic
 from .grid import Grid
 from .rows import COLUMNS, DONE
-from .stats import ALPHA
+from .stats import ALPHA, MIN_PAIRS
 
 
 TEST_NAME = "paired t-test over seeds"
@@ -93,7 +93,8 @@ def markdown(grid: Grid, rows: list[dict[str, Any]], result_tables: list[dict[st
         "trained model of a vanilla run, the averaged weights of a method with `ema`. "
         f"**Δ** is the method minus `{base}`, paired by seed, with its 95 % t interval; **p** is the two-sided "
         f"{TEST_NAME} (a seed fixes the data split, subset, label noise, batch order and augmentation for every "
-        f"method, so pairing removes that shared variation; df = pairs − 1); **verdict** at α = {ALPHA}, not "
+        f"method, so pairing removes that shared variation; df = pairs − 1; when every pair differs by the same amount, "
+        f"the exact sign test); **verdict** at α = {ALPHA} from at least {MIN_PAIRS} paired seeds, not "
         "corrected for the number of methods compared. **Cost** is the mean training-loop time relative to "
         f"`{base}` on the same model and data (a +Init method includes its first stage; runs sharing the machine "
         "slow each other down).",

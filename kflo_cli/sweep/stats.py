@@ -190,8 +190,13 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float | None, fl
     return t, _two_sided_p(t, df)
 
 
+#: The fewest paired seeds that get a verdict.
+MIN_PAIRS = 3
+
+
 def paired_test(method: Mapping[int, float], baseline: Mapping[int, float], *, alpha: float = ALPHA) -> Comparison:
-    """Paired t-test over the seeds present in both mappings (seed -> accuracy)."""
+    """Paired t-test over the seeds present in both mappings (seed -> accuracy); at least :data:`MIN_PAIRS` pairs,
+    and the exact sign test when every difference is the same."""
     seeds = tuple(sorted(set(method) & set(baseline)))
     diffs = [float(method[s]) - float(baseline[s]) for s in seeds]
     _, welch_p = welch_test(list(method.values()), list(baseline.values()))
@@ -199,12 +204,14 @@ def paired_test(method: Mapping[int, float], baseline: Mapping[int, float], *, a
     if n == 0:
         return Comparison(0, None, None, None, None, None, None, "n/a", welch_p, seeds)
     s = summarize(diffs)
-    if n < 2:
-        return Comparison(1, s.mean, None, None, None, None, None, "n/a", welch_p, seeds)
+    if n < MIN_PAIRS:
+        # two pairs give a t-test with one degree of freedom: any verdict would be an artefact of the seeds drawn
+        return Comparison(n, s.mean, s.std if n > 1 else None, s.ci_low, s.ci_high, None, None, "n/a", welch_p, seeds)
     if s.std == 0:
-        # every seed moved by exactly the same amount: no noise to compare against
+        # Every seed moved by exactly the same amount (accuracies are quantised: one test image is a step), so the
+        # t statistic is undefined; the exact two-sided sign test is the honest fallback (n = 3: p = 0.25).
         t = 0.0 if s.mean == 0 else math.copysign(math.inf, s.mean)
-        p = 1.0 if s.mean == 0 else 0.0
+        p = 1.0 if s.mean == 0 else min(1.0, 2.0 * 0.5**n)
     else:
         t = s.mean / (s.std / math.sqrt(n))
         p = _two_sided_p(t, n - 1)
@@ -212,4 +219,4 @@ def paired_test(method: Mapping[int, float], baseline: Mapping[int, float], *, a
     return Comparison(n, s.mean, s.std, s.ci_low, s.ci_high, t, p, verdict, welch_p, seeds)
 
 
-__all__ = ["ALPHA", "CONFIDENCE", "Comparison", "Summary", "betainc", "paired_test", "summarize", "t_ppf", "t_sf", "welch_test"]
+__all__ = ["ALPHA", "CONFIDENCE", "MIN_PAIRS", "Comparison", "Summary", "betainc", "paired_test", "summarize", "t_ppf", "t_sf", "welch_test"]
