@@ -331,17 +331,19 @@ def test_jobs_and_threads():
 def test_report_on_hand_made_rows(tmp_path):
     grid = load_grid(write_grid(tmp_path, GRID), check_models=False)
     rows = []
-    for method, accs in (("vanilla", [90.0, 91.0]), ("kflo", [93.0, 94.2])):
+    for method, accs in (("vanilla", [90.0, 91.0, 92.0]), ("kflo", [93.0, 94.2, 95.1])):
         for seed, acc in enumerate(accs):
             rows.append({"model": "lenet5", "data": "digits", "method": method, "seed": seed, "status": "done",
                          "deployed_test_acc": acc, "trained_test_acc": acc, "total_seconds": 1.0, "params_trained": 5,
                          "params_deployed": 5, "auxiliary": False})
     (table,) = tables(grid, rows)
     kflo = table["methods"][1]
-    # differences 3.0 and 3.2: mean 3.1, sd 0.2 / sqrt(2), t = 3.1 / (sd / sqrt(2)) = 31 with 1 degree of freedom
+    # differences 3.0, 3.2, 3.1: mean 3.1, sd 0.1, t = 3.1 / (0.1 / sqrt(3)) = 31 sqrt(3) with 2 degrees of freedom,
+    # whose two-sided p has the closed form 1 - t / sqrt(t^2 + 2)
+    t = 31.0 * math.sqrt(3.0)
     assert kflo["comparison"]["mean"] == pytest.approx(3.1)
-    assert kflo["comparison"]["t"] == pytest.approx(31.0)
-    assert kflo["comparison"]["p"] == pytest.approx(2 * t_sf(31.0, 1)) == pytest.approx(2 / math.pi * math.atan(1 / 31.0))
+    assert kflo["comparison"]["t"] == pytest.approx(t)
+    assert kflo["comparison"]["p"] == pytest.approx(2 * t_sf(t, 2)) == pytest.approx(1 - t / math.sqrt(t * t + 2))
     assert kflo["comparison"]["verdict"] == "better" and kflo["cost_ratio"] == pytest.approx(1.0)
 
 
