@@ -172,6 +172,10 @@ def test_summary_and_paired_test_known_values():
     # identical differences: the t statistic is undefined, the exact sign test decides (n = 3: p = 0.25, n = 6: 0.03125)
     same = paired_test({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.5, 1: 1.5, 2: 2.5})
     assert same.p == 0.25 and same.verdict == "within noise"
+    # accuracies are percentages of a test set: the "same" difference differs in the last bits
+    rounded = paired_test({0: 100 * 347 / 359, 1: 100 * 346 / 359, 2: 100 * 348 / 359},
+                          {0: 100 * 348 / 359, 1: 100 * 347 / 359, 2: 100 * 349 / 359})
+    assert rounded.p == 0.25 and rounded.verdict == "within noise"
     six = paired_test({k: k + 1.0 for k in range(6)}, {k: k + 0.5 for k in range(6)})
     assert six.p == 0.03125 and six.verdict == "better"
     assert paired_test({0: 1.0, 3: 2.0}, {0: 0.5, 1: 1.5}).verdict == "n/a"  # one common seed

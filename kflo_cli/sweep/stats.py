@@ -207,8 +207,8 @@ def paired_test(method: Mapping[int, float], baseline: Mapping[int, float], *, a
     if n < MIN_PAIRS:
         # two pairs give a t-test with one degree of freedom: any verdict would be an artefact of the seeds drawn
         return Comparison(n, s.mean, s.std if n > 1 else None, s.ci_low, s.ci_high, None, None, "n/a", welch_p, seeds)
-    if s.std == 0:
-        # Every seed moved by exactly the same amount (accuracies are quantised: one test image is a step), so the
+    if s.std <= 1e-9 * max(1.0, abs(s.mean)):
+        # Every seed moved by the same amount (up to float rounding of the percentages) (accuracies are quantised: one test image is a step), so the
         # t statistic is undefined; the exact two-sided sign test is the honest fallback (n = 3: p = 0.25).
         t = 0.0 if s.mean == 0 else math.copysign(math.inf, s.mean)
         p = 1.0 if s.mean == 0 else min(1.0, 2.0 * 0.5**n)
