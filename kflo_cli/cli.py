@@ -150,9 +150,15 @@ def expand(
     specs.extend(recipe or [])
     if output is None and not dry_run:
         raise KfloError("no output file; pass -o OUT.safetensors (or --dry-run to only print the plan)")
-    net = expand_model(model, specs, include=include or [], exclude=exclude or [],
-                       model_kwargs={"num_classes": num_classes, "in_chans": in_chans}, pretrained=pretrained,
-                       init_from=init_from or [], init_from_expanded=init_from_expanded, seed=seed, note=console.print)
+    try:
+        net = expand_model(model, specs, include=include or [], exclude=exclude or [],
+                           model_kwargs={"num_classes": num_classes, "in_chans": in_chans}, pretrained=pretrained,
+                           init_from=init_from or [], init_from_expanded=init_from_expanded, seed=seed, note=console.print)
+    except KfloError as exc:
+        # a recipe that matches no layer: the plan so far says why each layer was skipped
+        if dry_run and getattr(exc, "plan", None):
+            print_plan(exc.plan, f"{model}: the plan so far")  # type: ignore[attr-defined]
+        raise
     rec = record(net)
     after = sum(p.numel() for p in net.parameters())
     # rewritten layers' parameters counted once each (the compander's coarse pair is shared by every layer)

@@ -6,12 +6,17 @@ decay applies to the parameter itself or to its layer's composed weight. Nothing
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn as nn
 
 from .errors import KfloError
-from .reparam import ORDINARY, ParamRole
+from .reparam import ORDINARY, ParamRole, Recipe
+from .reparam.base import FACTOR_PREFIX
 from .surgery import rewritten_layers
+
+T = TypeVar("T")
 
 
 def param_roles(model: nn.Module) -> dict[str, ParamRole]:
@@ -28,11 +33,25 @@ def param_roles(model: nn.Module) -> dict[str, ParamRole]:
     roles = {name: ORDINARY for name, p in model.named_parameters() if p.requires_grad}
     for layer_name, module, recipe in rewritten_layers(model):
         prefix = f"{layer_name}." if layer_name else ""
-        for local, role in recipe.roles(module).items():
+        for local, role in _named_by_parameter(recipe, layer_name, module, recipe.roles(module), "roles()").items():
             full = prefix + local
-            if full in roles:
+            if full in roles:  # frozen parameters keep no role
                 roles[full] = role
     return roles
+
+
+def _named_by_parameter(recipe: Recipe, layer_name: str, module: nn.Module, rules: dict[str, T],
+                        hook: str) -> dict[str, T]:
+    """``rules`` (a recipe's roles or step scales of one layer), refused when one names no parameter of the layer:
+    a misspelt factor name would otherwise silently leave that factor on the ordinary rule."""
+    names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    unknown = sorted(set(rules) - names)
+    if unknown:
+        own = ", ".join(sorted(n.removeprefix(FACTOR_PREFIX) for n in names)) or "none"
+        raise KfloError(f"recipe '{recipe.name}' on layer '{layer_name}': {hook} names "
+                        f"{', '.join(repr(n.removeprefix(FACTOR_PREFIX)) for n in unknown)}, which is not a parameter "
+                        f"of the layer (its parameters: {own}); name the parametrization's own factors")
+    return rules
 
 
 def resolve_decay(role: ParamRole, weight_decay: float) -> float:
@@ -87,7 +106,8 @@ def step_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     scales = {}
     for layer_name, module, recipe in rewritten_layers(model):
         prefix = f"{layer_name}." if layer_name else ""
-        for local, scale in recipe.step_scales(module).items():
+        for local, scale in _named_by_parameter(recipe, layer_name, module, recipe.step_scales(module),
+                                                "step_scales()").items():
             scales[prefix + local] = scale
     return scales
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .errors import KfloError
+from .errors import KfloError, is_out_of_memory
 from .record import LayerPlan, LayerRecord, ModelRecord, Selection, expanded_roots, record, set_record
 from .reparam import LayerContext, Recipe, create_recipe
 from .reparam.dataflow import tensors_in
@@ -150,10 +150,16 @@ def _plan(model: nn.Module, selections: list[Selection], include: list[str], exc
                     recipe_index=index if reason is None else -1,
                 )
         if hits == 0:
-            raise KfloError(
+            exc = KfloError(
                 f"recipe '{recipe.name}' matches no layer of this model; check --include/--exclude "
                 "or choose a recipe that applies to its layers (`kflo expand ... --dry-run` shows why each was skipped)"
             )
+            exc.plan = _in_module_order(model, rows)  # type: ignore[attr-defined]  # --dry-run prints it
+            raise exc
+    return _in_module_order(model, rows)
+
+
+def _in_module_order(model: nn.Module, rows: dict[str, LayerPlan]) -> list[LayerPlan]:
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(rows.values(), key=lambda r: order[r.name])
 
@@ -162,6 +168,27 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _module_state(module: nn.Module) -> dict[str, Any]:
+    """What :func:`expand` needs to undo a layer's rewrite: the module's attributes, with its dictionaries
+    (``_parameters``, ``_modules``, hooks ...) copied, since parametrize and the recipes change them in place."""
+    return {k: (v.copy() if isinstance(v, dict) else v) for k, v in vars(module).items()}
+
+
+def _expand_one(recipe: Recipe, layer: LayerContext) -> nn.Module:
+    """``recipe.expand_layer(layer)``; a recipe that crashes (a plugin's factory returning nothing, a forward that
+    raises) is one sentence naming the recipe and the layer (``--debug`` shows the traceback)."""
+    try:
+        return recipe.expand_layer(layer)
+    except KfloError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (any recipe code may fail; name it)
+        if is_out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise KfloError(f"recipe '{recipe.name}' failed on layer '{layer.name}' ({type(exc).__name__}: {first}); "
+                        f"this is a bug in the recipe ({recipe.source}): fix it or --exclude '{layer.name}'") from exc
 
 
 @contextlib.contextmanager
@@ -212,18 +239,31 @@ def expand(
     shared: list[dict[str, Any]] = [{} for _ in selections]
     rows = _plan(model, selections, include, exclude, shared, rebuilding=rebuilding)
     layers = []
-    with _seeded(seed):
-        for i, row in enumerate(rows):
-            if not row.applied:
-                continue
-            module = model.get_submodule(row.name)
-            layers.append(LayerRecord(row.name, row.recipe_index, parametrize.type_before_parametrizations(module),
-                                      tuple(module._parameters), row.shape))
-            layer = LayerContext(row.name, module, model, rebuilding, shared[row.recipe_index])
-            new = selections[row.recipe_index].recipe.expand_layer(layer)
-            if new is not module:
-                _set_submodule(model, row.name, new)
-            rows[i] = replace(row, params_after=_own_params(new))
+    undo: list[tuple[str, nn.Module, type, dict[str, Any]]] = []
+    try:
+        with _seeded(seed):
+            for i, row in enumerate(rows):
+                if not row.applied:
+                    continue
+                module = model.get_submodule(row.name)
+                layers.append(LayerRecord(row.name, row.recipe_index, parametrize.type_before_parametrizations(module),
+                                          tuple(module._parameters), row.shape))
+                undo.append((row.name, module, type(module), _module_state(module)))
+                layer = LayerContext(row.name, module, model, rebuilding, shared[row.recipe_index])
+                new = _expand_one(selections[row.recipe_index].recipe, layer)
+                if new is not module:
+                    _set_submodule(model, row.name, new)
+                rows[i] = replace(row, params_after=_own_params(new))
+    except BaseException:
+        # A recipe failed on a later layer (a plugin's wrong shape, an exception, out of memory): put the layers
+        # already rewritten back, so the caller's model is left as it was, not half expanded without a record.
+        for name, module, cls, state in reversed(undo):
+            module.__class__ = cls
+            module.__dict__.clear()
+            module.__dict__.update(state)
+            if model.get_submodule(name) is not module:
+                _set_submodule(model, name, module)
+        raise
     set_record(model, replace(rec, selections=tuple(selections), include=tuple(include), exclude=tuple(exclude),
                               plan=tuple(rows), layers=tuple(layers)))
     return model

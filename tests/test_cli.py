@@ -81,6 +81,17 @@ def test_dry_run_prints_plan_and_totals(tmp_cwd):
     assert not list(tmp_cwd.iterdir())
 
 
+def test_dry_run_shows_why_a_recipe_matches_no_layer(tmp_cwd):
+    # the error tells the user to run --dry-run to see why each layer was skipped, so --dry-run must show it
+    r = run("expand", "lenet5", "--recipe", "expandnet-fc:classifier=keep", "--include", "classifier.4", "--dry-run")
+    assert_user_error(r, "recipe 'expandnet-fc' matches no layer")
+    assert "classifier.4" in r.stdout and "the classifier (logit layer) stays plain" in r.stdout
+    assert "classifier.0" in r.stdout and "not matched by --include" in r.stdout
+    r = run("expand", "lenet5", "--recipe", "expandnet-fc:classifier=keep", "--include", "classifier.4", "-o", "x.safetensors")
+    assert_user_error(r, "recipe 'expandnet-fc' matches no layer")
+    assert not r.stdout and not list(tmp_cwd.iterdir())  # without --dry-run: the one line alone
+
+
 def test_recipe_file_by_name_and_path(tmp_path):
     out = tmp_path / "a.safetensors"
     r = run("expand", "lenet5", "--recipe-file", "kflo-3x2", "-o", str(out))

@@ -58,6 +58,56 @@ def test_a_wrong_plugin_is_one_sentence_and_leaves_the_layer_alone(bug, words):
     kflo.expand(model, kflo.reparam.recipe_from_spec(SCALED)())  # the correct plugin expands it
 
 
+def test_a_recipe_failing_on_a_later_layer_leaves_the_whole_model_as_it_was(tmp_path):
+    # acnet (structural) and kflo rewrite layers '0' and '3' before the wrong plugin fails on '5': both are put back,
+    # so the model is not left half expanded without a record (which kflo.save would write as a "plain" file).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4), nn.ReLU(),
+                          nn.Linear(4, 2)).eval()
+    x = torch.randn(2, 1, 5, 5)
+    before_out, before_sd = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    before_types = [type(m) for m in model.modules()]
+    bad = kflo.reparam.recipe_from_spec(SCALED)(bug="shape")
+    recipes = [kflo.Selection(kflo.create_recipe("acnet")), {"name": "kflo", "include": ["3"]}, kflo.Selection(bad, ("5",))]
+    with pytest.raises(KfloError, match="recipe 'scaled-test' on layer '5'"):
+        kflo.expand(model, recipes)
+    assert [type(m) for m in model.modules()] == before_types
+    after_sd = model.state_dict()
+    assert list(after_sd) == list(before_sd) and all(torch.equal(after_sd[k], before_sd[k]) for k in before_sd)
+    assert not kflo.is_expanded(model) and not kflo.record(model).layers
+    assert torch.equal(model(x), before_out)
+    recipes[-1] = kflo.Selection(kflo.reparam.recipe_from_spec(SCALED)(), ("5",))
+    kflo.expand(model, recipes)  # and it expands once the plugin is right
+    assert [x.name for x in kflo.record(model).layers] == ["0", "3", "5"]
+
+
+class _MisnamedRoles(_Scaled):
+    """Its roles and step scales name a factor it does not have (``V`` for ``v``)."""
+
+    def roles(self) -> dict[str, kflo.ParamRole]:
+        return {"V": kflo.ParamRole("scaled-v", "none")}
+
+    def step_scales(self) -> dict[str, torch.Tensor]:
+        return {"V": torch.ones_like(self.v)}
+
+
+def test_roles_naming_no_parameter_are_refused_not_ignored():
+    # a misspelt factor would otherwise silently train on the ordinary rule (the run's decay on the factor)
+    spec = kflo.RecipeSpec(name="misnamed-roles", description="test", params={},
+                           factory=lambda module: _MisnamedRoles(module.weight.shape, "none"))
+    model = kflo.expand(nn.Sequential(nn.Linear(3, 2)), kflo.reparam.recipe_from_spec(spec)())
+    for read, hook in ((kflo.param_roles, "roles()"), (kflo.step_scales, "step_scales()")):
+        with pytest.raises(KfloError) as err:
+            read(model)
+        assert str(err.value) == (f"recipe 'misnamed-roles' on layer '0': {hook} names 'V', which is not a parameter of "
+                                  "the layer (its parameters: bias, v); name the parametrization's own factors")
+    # frozen factors and a network-wide parameter shared by several layers (the coarse compander's a, b) are fine
+    model = kflo.expand(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), "compander:learnable=coarse")
+    model[0].parametrizations.weight[0].v.requires_grad_(False)
+    roles = kflo.param_roles(model)
+    assert "0.parametrizations.weight.0.v" not in roles and "1.parametrizations.weight.0.v" in roles
+
+
 # -- "does not apply" vs "applies but the value is unusable" ---------------------------------------------------------
 def test_skip_reasons_are_shown_and_unusable_values_are_errors():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3))
@@ -274,3 +324,22 @@ def test_collapse_of_a_model_that_cannot_be_deep_copied_rebuilds_it_from_its_rec
     anonymous.lock = threading.Lock()
     with pytest.raises(KfloError, match="build it with kflo.create_model"):
         kflo.collapse(anonymous)
+
+
+def test_a_crashing_plugin_is_named_with_its_layer():
+    broken = kflo.RecipeSpec(name="broken-test", description="test", params={}, factory=lambda module: None)
+    recipe = kflo.reparam.recipe_from_spec(broken)()
+    model = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(KfloError, match=r"recipe 'broken-test' failed on layer '0' \(AttributeError: .*bug in the recipe"):
+        kflo.expand(model, recipe)
+    assert type(model[0]) is nn.Linear and not kflo.is_expanded(model)
+
+
+def test_an_in_process_registration_names_its_origin(monkeypatch):
+    import kflo_cli.reparam.registry as registry
+
+    kflo.list_recipes()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    cls = kflo.register_recipe(kflo.reparam.recipe_from_spec(SCALED))
+    assert cls.source.startswith("registered by ") and cls.source.endswith("test_pipeline")
+    assert kflo.get_recipe("kflo").source == "built-in"

@@ -22,8 +22,11 @@ PLUGIN_ERRORS: list[tuple[str, str]] = []
 ENTRY_POINT_GROUP = "kflo.recipes"
 
 
-def register_recipe(cls: type[Recipe], *, source: str = "built-in", replace: bool = False) -> type[Recipe]:
+def register_recipe(cls: type[Recipe], *, source: str | None = None, replace: bool = False) -> type[Recipe]:
     """Register a recipe class under ``cls.name``. Usable as a decorator.
+
+    ``source`` is what ``kflo recipes`` shows as its origin; by default ``built-in`` for kflo's own recipe modules
+    and ``registered by <module>`` for a recipe registered in-process by other code.
 
     Raises:
         KfloError: the name is empty or already registered (unless ``replace``).
@@ -34,6 +37,8 @@ def register_recipe(cls: type[Recipe], *, source: str = "built-in", replace: boo
         raise KfloError(f"recipe class {cls.__name__} has no name; set the class attribute `name`")
     if cls.name in _REGISTRY and not replace and _REGISTRY[cls.name] is not cls:
         raise KfloError(f"a recipe named '{cls.name}' is already registered ({_REGISTRY[cls.name].source})")
+    if source is None:
+        source = "built-in" if cls.__module__.startswith("kflo_cli.reparam.") else f"registered by {cls.__module__}"
     cls.source = source
     _REGISTRY[cls.name] = cls
     return cls
