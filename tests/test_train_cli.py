@@ -182,7 +182,8 @@ def test_interrupted_quickstart_exits_130_without_a_stale_resume_hint(tmp_path, 
 
 @pytest.mark.slow
 def test_quickstart_prints_both_accuracies_and_the_verification(tmp_path):
-    r = runner.invoke(app, ["quickstart", "--epochs", "3", "-o", str(tmp_path)])
+    # 6 epochs at the quickstart's batch of 64: as many steps as 3 epochs at its former batch of 32
+    r = runner.invoke(app, ["quickstart", "--epochs", "6", "-o", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert "vanilla" in r.output and "KFLO 2x4, collapsed" in r.output and "PASS" in r.output
     kflo_run = json.loads((tmp_path / "kflo-2x4" / "summary.json").read_text())
