@@ -6,7 +6,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -146,6 +146,18 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise KfloError(f"{path} is not a readable safetensors file ({exc}); pass a file written by kflo or safetensors") from None
 
 
+def recorded_specs(meta: dict[str, Any], params: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+                   ) -> list[dict[str, Any]]:
+    """An expanded checkpoint's recipes as specs that re-create its expansion on exactly the recorded layers,
+    recipe index by index; ``params(entry)`` may replace each recipe's parameters (default: the recorded ones)."""
+    specs = []
+    for index, entry in enumerate(meta["recipes"]):
+        layers = [layer["name"] for layer in meta["layers"] if int(layer["recipe_index"]) == index]
+        values = params(entry) if params is not None else entry["params"]
+        specs.append({"name": entry["name"], **values, "include": layers, "exclude": []})
+    return specs
+
+
 def rebuild(meta: dict[str, Any]) -> nn.Module:
     """The (expanded or plain) model a metadata block describes, with placeholder tensors for a checkpoint's.
 
@@ -161,18 +173,13 @@ def rebuild(meta: dict[str, Any]) -> nn.Module:
     if meta["kind"] == "plain":
         update_record(model, collapsed_from=tuple(meta.get("collapsed_from", [])))
         return model
-    by_recipe: dict[int, list[str]] = {}
-    for layer in meta["layers"]:
-        by_recipe.setdefault(int(layer["recipe_index"]), []).append(layer["name"])
-    if sorted(by_recipe) != list(range(len(meta["recipes"]))):
+    if sorted({int(layer["recipe_index"]) for layer in meta["layers"]}) != list(range(len(meta["recipes"]))):
         raise KfloError("the checkpoint's layer list does not match its recipes; re-create it with kflo expand")
     missing = [x["name"] for x in meta["layers"] if x["name"] not in dict(model.named_modules())]
     if missing:
         raise KfloError(f"the checkpoint lists layers that {meta['model_id']} does not have ({', '.join(missing[:3])}); "
                         f"{damaged}")
-    specs = [{"name": entry["name"], **entry["params"], "include": by_recipe[i], "exclude": []}
-             for i, entry in enumerate(meta["recipes"])]
-    expand(model, specs, rebuilding=True)
+    expand(model, recorded_specs(meta), rebuilding=True)
     rec = record(model)
     selections = tuple(Selection(s.recipe, tuple(e.get("include", ())), tuple(e.get("exclude", ())))
                        for s, e in zip(rec.selections, meta["recipes"]))
@@ -262,5 +269,6 @@ __all__ = [
     "parse_dtype",
     "read_metadata",
     "rebuild",
+    "recorded_specs",
     "save",
 ]

@@ -22,6 +22,7 @@ from .checkpoint import (
     load_tensors,
     read_metadata,
     rebuild,
+    recorded_specs,
     save,
 )
 from .errors import KfloError
@@ -41,12 +42,7 @@ def counterpart_specs(path: str | os.PathLike) -> list[dict[str, Any]]:
     if meta is None or meta["kind"] != "expanded":
         raise KfloError(f"{path} is not an expanded kflo checkpoint; --init-from-expanded needs one written by "
                         "kflo expand or kflo train (for a plain checkpoint use --init-from)")
-    specs = []
-    for index, entry in enumerate(meta["recipes"]):
-        params = get_recipe(entry["name"]).counterpart_params(dict(entry["params"]))
-        layers = [layer["name"] for layer in meta["layers"] if int(layer["recipe_index"]) == index]
-        specs.append({"name": entry["name"], **params, "include": layers, "exclude": []})
-    return specs
+    return recorded_specs(meta, lambda entry: get_recipe(entry["name"]).counterpart_params(dict(entry["params"])))
 
 
 def transfer_tensors(model: nn.Module, path: str | os.PathLike) -> int:
@@ -62,7 +58,7 @@ def transfer_tensors(model: nn.Module, path: str | os.PathLike) -> int:
         raise KfloError(f"{path} holds {meta['model_id']} but this model is {own}; transfer tensors between "
                         "expansions of the same architecture")
     tensors = load_tensors(path)
-    names = ", ".join(s["name"] for s in counterpart_specs(path))
+    names = ", ".join(entry["name"] for entry in (meta or {}).get("recipes", []))
     check_tensors_match(model, tensors, path, (
         "it does not fit this expansion ({found}); expand with the recipes, rate, layers and stem of the run that "
         f"wrote it ({names}), e.g. by omitting --recipe"))

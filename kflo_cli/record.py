@@ -13,15 +13,12 @@ written from it (:meth:`ModelRecord.to_metadata`) and read back into it (:meth:`
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping
 
 import torch.nn as nn
 
-from .errors import KfloError
 from .reparam.base import Recipe
-from .reparam.registry import create_recipe
 
 #: The one attribute a model's record lives under.
 RECORD_ATTR = "_kflo_record"
@@ -104,23 +101,12 @@ class ModelRecord:
     def recipe_of(self, layer: LayerRecord) -> Recipe:
         return self.selections[layer.recipe_index].recipe
 
-    def layer(self, name: str) -> LayerRecord | None:
-        return next((x for x in self.layers if x.name == name), None)
-
     def recipes_metadata(self) -> list[dict[str, Any]]:
         return [s.as_metadata() for s in self.selections]
 
     def layers_metadata(self) -> list[dict[str, Any]]:
         return [{"name": x.name, "recipe": self.recipe_of(x).name, "recipe_index": x.recipe_index, "type": x.type,
                  "shape": list(x.shape)} for x in self.layers]
-
-    def specs(self) -> list[dict[str, Any]]:
-        """The expansion as specs that re-create it on exactly the recorded layers (recipe index by index)."""
-        by_recipe: dict[int, list[str]] = {}
-        for x in self.layers:
-            by_recipe.setdefault(x.recipe_index, []).append(x.name)
-        return [{"name": s.recipe.name, **s.recipe.values, "include": by_recipe.get(i, []), "exclude": []}
-                for i, s in enumerate(self.selections)]
 
 
 def record(model: nn.Module) -> ModelRecord:
@@ -153,24 +139,5 @@ def expanded_roots(model: nn.Module) -> Iterator[tuple[str, nn.Module, ModelReco
             yield prefix, module, rec
 
 
-def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def selections_from_metadata(entries: list[Mapping[str, Any]]) -> tuple[Selection, ...]:
-    """Recipes from a checkpoint's ``recipes`` list (parameters are validated by the recipe classes)."""
-    out = []
-    for entry in entries:
-        recipe = create_recipe({"name": entry["name"], **entry.get("params", {})})
-        out.append(Selection(recipe, tuple(entry.get("include", ())), tuple(entry.get("exclude", ()))))
-    return tuple(out)
-
-
-def check_record_type(value: Any) -> ModelRecord:
-    if not isinstance(value, ModelRecord):
-        raise KfloError(f"expected a kflo ModelRecord, got {type(value).__name__}")
-    return value
-
-
 __all__ = ["LayerPlan", "LayerRecord", "ModelRecord", "RECORD_ATTR", "Selection", "expanded_roots", "record",
-           "selections_from_metadata", "set_record", "update_record"]
+           "set_record", "update_record"]
