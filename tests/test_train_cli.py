@@ -192,3 +192,26 @@ def test_quickstart_prints_both_accuracies_and_the_verification(tmp_path):
     assert kflo_run["collapsed"]["strict_load"] and kflo_run["collapsed"]["test_acc"] > 80
     assert vanilla_run["kind"] == "vanilla" and vanilla_run["final_test_acc"] > 80
     assert f"{kflo_run['collapsed']['test_acc']:.2f}%" in r.output and f"{vanilla_run['final_test_acc']:.2f}%" in r.output
+
+
+def test_a_teacher_trained_at_another_resolution_gets_resized_batches(tmp_path):
+    # the digits sweep's case: an 8x8 Cifar-quick teacher (digits at their own size) for a 28x28 LeNet-5 student
+    teacher_run = tmp_path / "teacher"
+    r = runner.invoke(app, ["train", "cifar_quick", *FAST, "--epochs", "1", "--img-size", "8", "-o", str(teacher_run)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "lenet5", *FAST, "--epochs", "1", "--teacher-checkpoint",
+                            str(teacher_run / "last.safetensors"), "-o", str(tmp_path / "student")])
+    assert r.exit_code == 0, r.output
+    assert "the teacher reads 8x8 images" in " ".join(r.output.split())
+    assert (tmp_path / "student" / "summary.json").exists()
+
+
+def test_resized_input_resizes_and_calls_the_module():
+    import torch
+    from kflo_cli.train.source import ResizedInput
+
+    seen = []
+    wrapped = ResizedInput(torch.nn.Flatten(), (8, 8))
+    wrapped.module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
+    out = wrapped(torch.ones(2, 1, 28, 28))
+    assert seen == [torch.Size([2, 1, 8, 8])] and torch.allclose(out, torch.ones(2, 64))  # a constant stays constant

@@ -88,7 +88,8 @@ def build_parts(run: Run, model: nn.Module) -> Parts:
     groups = build_param_groups(model, config)
     optimizer = build_optimizer(groups, config)
     ema = ModelEma(model, config.ema) if config.ema else None  # a copy of the weights before any DDP broadcast
-    teacher = load_teacher(config, run.input_size, run.data.num_classes)
+    teacher = load_teacher(config, run.input_size, run.data.num_classes,
+                           note=lambda text: run.console.print(f"[yellow]note[/]: {text}"))
     autocast, scaler = amp(config.amp, dist.device)
     return Parts(
         model=model,

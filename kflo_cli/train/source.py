@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import KfloError
 from .config import TrainConfig
@@ -237,12 +238,30 @@ def prepare(config: TrainConfig, data: Any = None) -> Prepared:
     return Prepared(model, data, (data.in_chans, data.img_size, data.img_size), vanilla, "; ".join(notes), args)
 
 
-def load_teacher(config: TrainConfig, input_size: tuple[int, ...], num_classes: int) -> nn.Module | None:
-    """The distillation teacher, in eval mode and frozen; an expanded teacher is collapsed (same function, faster)."""
+class ResizedInput(nn.Module):
+    """``module`` applied to its input resized to ``size`` (a teacher trained at another resolution)."""
+
+    def __init__(self, module: nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.module = module
+        self.size = size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        shrink = images.shape[-2] > self.size[0] or images.shape[-1] > self.size[1]
+        images = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False, antialias=shrink)
+        return self.module(images)
+
+
+def load_teacher(config: TrainConfig, input_size: tuple[int, ...], num_classes: int,
+                 note: Callable[[str], None] | None = None) -> nn.Module | None:
+    """The distillation teacher, in eval mode and frozen; an expanded teacher is collapsed (same function, faster).
+
+    A teacher that reads the same channels at another resolution gets each batch resized (:class:`ResizedInput`).
+    """
     if not config.teacher_checkpoint:
         return None
     from .. import checkpoint
-    from ..models import create_model, resolve_model_id
+    from ..models import create_model, default_input_size, resolve_model_id
     from ..surgery import collapse, is_expanded
 
     path = config.teacher_checkpoint
@@ -262,7 +281,16 @@ def load_teacher(config: TrainConfig, input_size: tuple[int, ...], num_classes: 
         checkpoint.load_plain_weights(teacher, path)
     problem = _accepts(teacher, input_size[0], input_size[1], num_classes)
     if problem is not None:
-        raise KfloError(f"the teacher from {path} does not fit the data ({problem}); pass a teacher trained on the same data")
+        own = tuple(meta["input_size"]) if meta is not None and meta.get("input_size") else tuple(default_input_size(teacher))
+        if (len(own) == 3 and own[0] == input_size[0] and own[1] != input_size[1]
+                and _accepts(teacher, own[0], own[1], num_classes) is None):
+            # the same images at the teacher's own resolution (e.g. an 8x8 Cifar-quick teacher for a 28x28 student)
+            teacher = ResizedInput(teacher, (own[1], own[2]))
+            if note is not None:
+                note(f"the teacher reads {own[1]}x{own[2]} images: each batch is resized for it (bilinear, antialiased)")
+        else:
+            raise KfloError(f"the teacher from {path} does not fit the data ({problem}); pass a teacher trained on "
+                            "the same data")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
