@@ -263,6 +263,99 @@ def recipes() -> None:
 
 @app.command()
 @handle_errors
+def bench(
+    model: ModelArg,
+    recipe: Annotated[Optional[list[str]], typer.Option("--recipe", "-r", help="NAME or NAME:key=value,...; repeat to combine recipes.", rich_help_panel="Recipe")] = None,
+    recipe_file: Annotated[Optional[list[str]], typer.Option("--recipe-file", help="TOML recipe file, by path or bundled name (its [[recipe]] tables only).", rich_help_panel="Recipe")] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Only rewrite layers whose names match this glob (repeatable).", rich_help_panel="Recipe")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Never rewrite layers whose names match this glob (repeatable).", rich_help_panel="Recipe")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="Execution of recipes that have one: auto, kernel (compose the kernel) or feature (run through the factors).", rich_help_panel="Recipe")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 64,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of the random inputs (default: the model's).")] = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Passed to the model constructor.", rich_help_panel="Model")] = None,
+    in_chans: Annotated[Optional[int], typer.Option("--in-chans", help="Input channels (timm models).", rich_help_panel="Model")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps per model (after the warm-up).")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps per model first.")] = 3,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: PyTorch's).")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile both models.")] = False,
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (bfloat16 on CPU, float16 on CUDA) for both models.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for both models and the random batch.")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON to this file.")] = None,
+) -> None:
+    """Measure training cost, memory, MACs and parameters of an expansion against the vanilla model, side by side."""
+    import json
+
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ._atomic import write_text_atomic
+    from .bench import bench as run_bench
+    from .recipefile import load_recipe_file
+
+    specs: list[Any] = []
+    for ref in recipe_file or []:
+        specs.extend(load_recipe_file(ref).recipes)
+    specs.extend(recipe or [])
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if threads is not None:
+        if not 1 <= threads <= 1024:
+            raise KfloError(f"--threads {threads} is out of range; use an integer from 1 to 1024")
+        torch.set_num_threads(threads)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("bench", total=1)
+
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=f"bench: {phase}", completed=done, total=total)
+
+        result = run_bench(model, specs, batch_size=batch_size, input_size=_parse_size(input_size), steps=steps,
+                           warmup=warmup, device=device, mode=mode, compile_model=compile_model, amp=amp,
+                           include=include or [], exclude=exclude or [],
+                           model_kwargs={"num_classes": num_classes, "in_chans": in_chans}, seed=seed,
+                           progress=progress)
+    print_bench(result)
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(result.to_dict(), indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
+def print_bench(r: Any) -> None:
+    """The rich table of a :class:`kflo_cli.bench.BenchResult`."""
+    def ms(t: Any) -> str:
+        return f"{t.median * 1e3:.1f} ms ({t.min * 1e3:.1f}-{t.max * 1e3:.1f})"
+
+    def mb(n: float) -> str:
+        return f"{n / 2**20:.1f} MiB"
+
+    def macs(n: float | None) -> str:
+        return "-" if n is None else f"{n / 1e6:.2f} M"
+
+    title = (f"{r.model} + {' + '.join(r.recipes)}: batch {r.batch_size} x {'x'.join(map(str, r.input_size))}, "
+             f"{r.device}, {r.threads} threads{', compiled' if r.compiled else ''}{', AMP' if r.amp else ''}")
+    table = Table(title=title)
+    for col in ("", "vanilla", "expanded", "ratio"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("parameters (training)", _fmt(r.params_vanilla), _fmt(r.params_training),
+                  f"{r.params_training / r.params_vanilla:.2f}x")
+    table.add_row("parameters (after collapse)", _fmt(r.params_vanilla), _fmt(r.params_collapsed),
+                  f"{r.params_collapsed / r.params_vanilla:.2f}x")
+    table.add_row("MACs per image (as executed)", macs(r.macs_vanilla), macs(r.macs_executed),
+                  f"{r.macs_executed / r.macs_vanilla:.2f}x")
+    if r.macs_feature_form is not None:
+        table.add_row("MACs per image (feature form)", macs(r.macs_vanilla), macs(r.macs_feature_form),
+                      f"{r.macs_feature_form / r.macs_vanilla:.2f}x")
+    table.add_row("training step, median (min-max)", ms(r.step_vanilla), ms(r.step_expanded), f"{r.step_ratio:.2f}x")
+    table.add_row("peak training memory", mb(r.memory_vanilla), mb(r.memory_expanded), f"{r.memory_ratio:.2f}x")
+    table.add_row("inference (collapsed)", ms(r.infer_vanilla), ms(r.infer_collapsed), f"{r.infer_ratio:.2f}x")
+    table.add_row("expand / collapse", "", f"{r.expand_seconds:.2f} s / {r.collapse_seconds:.2f} s", "")
+    console.print(table)
+    console.print(f"{r.step_vanilla.samples} timed steps each, interleaved; memory: {r.memory_method}")
+
+
+@app.command()
+@handle_errors
 def inspect(path: Annotated[Path, typer.Argument(help="A kflo checkpoint (.safetensors).")]) -> None:
     """Show a checkpoint's metadata and a per-layer summary."""
     from .checkpoint import load_tensors, read_metadata

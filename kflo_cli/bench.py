@@ -1,0 +1,442 @@
+"""``kflo bench``: the cost of training through a recipe, measured side by side with the vanilla model.
+
+One process builds the vanilla model and its expansion (same seed, same weights), then measures, interleaved and
+after a warm-up:
+
+* parameters at training time and after collapse;
+* MACs per image (``torch.utils.flop_counter``, which counts two FLOPs per multiply-accumulate): vanilla, the
+  expansion as executed (its kernel compositions shared by the batch), and the paper's feature form where the
+  recipe has one (``mode=feature``);
+* the training step (forward, loss with the recipes' penalties, backward, optimizer step: what ``kflo train``
+  does, with the same parameter groups), as median, min and max over the timed steps and its ratio to vanilla;
+* peak memory of a training step: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the bytes resident before
+  the step (parameters, buffers, optimizer state) plus the peak of the bytes the step allocates, from the
+  PyTorch profiler's allocation events (tensor memory only: the interpreter and allocator caches are not counted,
+  for either model);
+* inference time of the collapsed model against vanilla (same architecture: 1.00 within noise);
+* time to expand and to collapse.
+
+Timings alternate which model runs first in each round, so drift on a busy machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from .errors import KfloError
+
+#: Bounds on the options (checked before anything is built).
+MAX_BATCH = 65_536
+MAX_STEPS = 100_000
+MAX_SIDE = 16_384
+MODES = ("kernel", "feature", "auto")
+
+
+@dataclass
+class Timing:
+    """Seconds per call over the timed rounds."""
+
+    median: float
+    min: float
+    max: float
+    samples: int
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> "Timing":
+        return cls(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
+
+
+@dataclass
+class BenchResult:
+    """Everything ``kflo bench`` measured; ``ratio`` fields are expanded / vanilla."""
+
+    model: str
+    recipes: list[str]
+    device: str
+    threads: int
+    batch_size: int
+    input_size: list[int]
+    compiled: bool
+    amp: bool
+    params_vanilla: int
+    params_training: int
+    params_collapsed: int
+    macs_vanilla: float
+    macs_executed: float
+    macs_feature_form: float | None
+    step_vanilla: Timing
+    step_expanded: Timing
+    step_ratio: float
+    memory_vanilla: int
+    memory_expanded: int
+    memory_ratio: float
+    memory_method: str
+    infer_vanilla: Timing
+    infer_collapsed: Timing
+    infer_ratio: float
+    expand_seconds: float
+    collapse_seconds: float
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_options(batch_size: int, steps: int, warmup: int, input_size: Sequence[int] | None) -> None:
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise KfloError(f"--batch-size {batch_size} is out of range; use an integer from 1 to {MAX_BATCH}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise KfloError(f"--steps {steps} is out of range; use an integer from 1 to {MAX_STEPS}")
+    if not 0 <= warmup <= MAX_STEPS:
+        raise KfloError(f"--warmup {warmup} is out of range; use an integer from 0 to {MAX_STEPS}")
+    if input_size is not None and (not 1 <= len(input_size) <= 4 or any(not 1 <= s <= MAX_SIDE for s in input_size)):
+        raise KfloError(f"--input-size {','.join(map(str, input_size))} is out of range; give C,H,W with each value "
+                        f"from 1 to {MAX_SIDE}")
+
+
+def with_mode(specs: Sequence[Any], mode: str | None) -> list[Any]:
+    """The recipe specs with ``mode=MODE`` for every recipe that has an execution mode and does not name one.
+
+    Refuses a mode no recipe understands, and a spec that names a different mode.
+    """
+    from .reparam.registry import get_recipe, parse_spec
+
+    if mode is None:
+        return list(specs)
+    if mode not in MODES:
+        raise KfloError(f"--mode {mode} is unknown; use one of {', '.join(MODES)}")
+    out, taken = [], False
+    for spec in specs:
+        if not isinstance(spec, str):
+            out.append(spec)
+            continue
+        name, values = parse_spec(spec)
+        param = get_recipe(name).params.get("mode")
+        if param is None:
+            out.append(spec)
+            continue
+        choices = getattr(param, "choices", None)
+        if choices and mode not in choices:
+            raise KfloError(f"--mode {mode}: recipe {name} runs as one of {', '.join(map(str, choices))}; choose one of those")
+        if "mode" in values and values["mode"] != mode:
+            raise KfloError(f"--mode {mode} contradicts {spec}; drop one of them")
+        taken = True
+        out.append(spec if "mode" in values else f"{spec}{',' if ':' in spec else ':'}mode={mode}")
+    if not taken:
+        raise KfloError(f"--mode {mode}: none of the recipes ({', '.join(map(str, specs))}) has an execution mode; drop --mode")
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's C++ log lines (written straight to file descriptor 2)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+class _Trainer:
+    """One model with what ``kflo train`` gives it: parameter groups per recipe role, SGD, penalties, AMP."""
+
+    def __init__(self, model: nn.Module, device: torch.device, *, amp: bool, compile_model: bool) -> None:
+        from .train.config import TrainConfig
+        from .train.optim import ModifiedAdaptiveStep, build_optimizer, build_param_groups
+
+        self.config = TrainConfig()
+        self.device = device
+        self.model = model.to(device).train()
+        groups = build_param_groups(self.model, self.config)
+        self.optimizer = build_optimizer(groups, self.config)
+        self.modified = ModifiedAdaptiveStep(self.model, self.optimizer, groups)
+        self.parametrized = [(m, n) for m in self.model.modules() if parametrize.is_parametrized(m)
+                             for n in m.parametrizations]
+        self.net = torch.compile(self.model) if compile_model else self.model
+        self.amp = amp
+        self.scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+
+    def autocast(self) -> Any:
+        if not self.amp:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from .train.optim import optimizer_step, total_penalty
+
+        with parametrize.cached():
+            for module, name in self.parametrized:
+                getattr(module, name)
+            with self.autocast():
+                logits = self.net(images)
+            loss = F.cross_entropy(logits.float(), labels) + total_penalty(self.model, self.config).to(images.device)
+        optimizer_step(loss, self.optimizer, self.model.parameters(), scaler=self.scaler)
+
+    def resident_bytes(self) -> int:
+        """Parameters, buffers and optimizer state held between steps."""
+        seen: set[int] = set()
+        total = 0
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        for state in self.optimizer.state.values():
+            tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+        for t in tensors:
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+
+def _peak_step_bytes(trainer: _Trainer, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """Peak tensor memory of one training step (see the module docstring for how)."""
+    device = trainer.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        trainer.step(images, labels)
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    from torch.profiler import ProfilerActivity, profile
+
+    resident = trainer.resident_bytes()
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.step(images, labels)
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return resident + int(peak)
+
+
+def _macs_per_image(model: nn.Module, images: torch.Tensor) -> float:
+    """Multiply-accumulates of one forward pass per image (torch.utils.flop_counter: 2 FLOPs per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(images)
+    finally:
+        model.train(was)
+    return counter.get_total_flops() / 2 / images.shape[0]
+
+
+def _interleaved(calls: dict[str, Callable[[], None]], rounds: int, device: torch.device,
+                 tick: Callable[[], None]) -> dict[str, list[float]]:
+    """Run each call once per round, alternating which goes first; seconds per call."""
+    names = list(calls)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            _sync(device)
+            start = time.perf_counter()
+            calls[name]()
+            _sync(device)
+            seconds[name].append(time.perf_counter() - start)
+        tick()
+    return seconds
+
+
+def _accepts(net: nn.Module, size: Sequence[int]) -> str | None:
+    """``None`` if ``net`` runs on one input of ``size``, else the first line of its error."""
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, *size))
+    except Exception as exc:  # noqa: BLE001  (any failure means: not this input size)
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def _fitting_kwargs(model: str, kwargs: dict[str, Any], input_size: Sequence[int] | None, seed: int) -> dict[str, Any]:
+    """The constructor arguments for inputs of ``input_size``: as given if the model takes that size, else with
+    ``img_size`` (and ``in_chans`` for timm models) set to it, as ``kflo train`` builds a model for its data."""
+    from .models import create_model, resolve_model_id
+
+    if input_size is None:
+        return kwargs
+    torch.manual_seed(seed)
+    problem = _accepts(create_model(model, **kwargs), input_size)
+    if problem is None:
+        return kwargs
+    sized = dict(kwargs)
+    if len(input_size) == 3:
+        sized["img_size"] = input_size[1] if input_size[1] == input_size[2] else tuple(input_size[1:])
+    if resolve_model_id(model).startswith("timm:") and "in_chans" not in kwargs:
+        sized["in_chans"] = input_size[0]
+    try:
+        torch.manual_seed(seed)
+        if _accepts(create_model(model, **sized), input_size) is None:
+            return sized
+    except KfloError:
+        pass
+    raise KfloError(f"{model} does not take inputs of size {','.join(map(str, input_size))} ({problem}); pass "
+                    "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
+
+
+def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
+    from .record import record
+
+    rec = record(model)
+    rows = []
+    for plan in rec.plan:
+        if plan.applied:
+            rows.append({"layer": plan.name, "type": plan.type, "recipe": plan.recipe,
+                         "params_before": plan.params_before, "params_after": plan.params_after})
+    return rows
+
+
+def bench(
+    model: str,
+    recipes: Sequence[Any],
+    *,
+    batch_size: int = 64,
+    input_size: Sequence[int] | None = None,
+    steps: int = 20,
+    warmup: int = 3,
+    device: str = "cpu",
+    mode: str | None = None,
+    compile_model: bool = False,
+    amp: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    model_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> BenchResult:
+    """Measure ``model`` expanded with ``recipes`` against the vanilla ``model``; see the module docstring.
+
+    ``progress(phase, done, total)`` is called as the work advances.
+    """
+    from .models import create_model, default_input_size
+    from .pipeline import expand_model
+    from .surgery import collapse
+
+    _check_options(batch_size, steps, warmup, input_size)
+    specs = with_mode(recipes, mode)
+    if not specs:
+        raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] (`kflo recipes` lists them)")
+    dev = torch.device(device)
+    say = progress or (lambda phase, done, total: None)
+    kwargs = {k: v for k, v in dict(model_kwargs or {}).items() if v is not None}
+    total = 2 * (warmup + steps) + 4
+
+    say("build", 0, total)
+    kwargs = _fitting_kwargs(model, kwargs, input_size, seed)
+    torch.manual_seed(seed)
+    vanilla = create_model(model, **kwargs)
+    torch.manual_seed(seed)
+    to_expand = create_model(model, **kwargs)
+    start = time.perf_counter()
+    expanded = expand_model(to_expand, specs, include=include, exclude=exclude, seed=seed)
+    expand_seconds = time.perf_counter() - start
+    size = tuple(input_size) if input_size else tuple(default_input_size(vanilla))
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn((batch_size, *size), generator=generator).to(dev)
+    problem = _accepts(vanilla, size)
+    if problem is not None:
+        raise KfloError(f"{model} does not take inputs of size {','.join(map(str, size))} ({problem}); pass "
+                        "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
+    with torch.no_grad():
+        classes = vanilla.eval()(images[:1].cpu()).shape[-1]
+    labels = torch.randint(0, classes, (batch_size,), generator=generator).to(dev)
+    params_vanilla = sum(p.numel() for p in vanilla.parameters())
+    params_training = sum(p.numel() for p in expanded.parameters() if p.requires_grad)
+
+    say("MACs", 1, total)
+    macs_vanilla = _macs_per_image(vanilla, images.cpu())
+    macs_executed = _macs_per_image(expanded, images.cpu())
+    macs_feature = None
+    try:
+        feature_specs = with_mode(recipes, "feature")
+    except KfloError:
+        feature_specs = None
+    if feature_specs is not None:
+        torch.manual_seed(seed)
+        feature_model = expand_model(create_model(model, **kwargs), feature_specs, include=include, exclude=exclude,
+                                     seed=seed)
+        macs_feature = _macs_per_image(feature_model, images.cpu())
+        del feature_model
+
+    plain_trainer = _Trainer(vanilla, dev, amp=amp, compile_model=compile_model)
+    expanded_trainer = _Trainer(expanded, dev, amp=amp, compile_model=compile_model)
+    done = [2]
+
+    def tick() -> None:
+        done[0] += 2
+        say("training steps", done[0], total)
+
+    calls = {"vanilla": lambda: plain_trainer.step(images, labels),
+             "expanded": lambda: expanded_trainer.step(images, labels)}
+    _interleaved(calls, warmup, dev, tick)
+    step_times = _interleaved(calls, steps, dev, tick)
+
+    say("memory", done[0], total)
+    memory_vanilla = _peak_step_bytes(plain_trainer, images, labels)
+    memory_expanded = _peak_step_bytes(expanded_trainer, images, labels)
+
+    say("collapse", done[0] + 1, total)
+    expanded.eval()
+    start = time.perf_counter()
+    collapsed = collapse(expanded).to(dev).eval()
+    collapse_seconds = time.perf_counter() - start
+    params_collapsed = sum(p.numel() for p in collapsed.parameters())
+    vanilla.eval()
+
+    def infer(net: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                net(images)
+        return run
+
+    say("inference", done[0] + 2, total)
+    infer_calls = {"vanilla": infer(vanilla), "collapsed": infer(collapsed)}
+    _interleaved(infer_calls, max(1, warmup), dev, lambda: None)
+    infer_times = _interleaved(infer_calls, steps, dev, lambda: None)
+    say("done", total, total)
+
+    step_v, step_e = Timing.of(step_times["vanilla"]), Timing.of(step_times["expanded"])
+    inf_v, inf_c = Timing.of(infer_times["vanilla"]), Timing.of(infer_times["collapsed"])
+    method = ("torch.cuda.max_memory_allocated" if dev.type == "cuda" else
+              "resident parameters, buffers and optimizer state + peak of the step's tensor allocations "
+              "(torch.profiler memory events)")
+    return BenchResult(
+        model=model, recipes=[str(s) for s in specs], device=str(dev), threads=torch.get_num_threads(),
+        batch_size=batch_size, input_size=list(size), compiled=compile_model, amp=amp,
+        params_vanilla=params_vanilla, params_training=params_training, params_collapsed=params_collapsed,
+        macs_vanilla=macs_vanilla, macs_executed=macs_executed, macs_feature_form=macs_feature,
+        step_vanilla=step_v, step_expanded=step_e, step_ratio=step_e.median / step_v.median,
+        memory_vanilla=memory_vanilla, memory_expanded=memory_expanded,
+        memory_ratio=memory_expanded / memory_vanilla if memory_vanilla else float("nan"), memory_method=method,
+        infer_vanilla=inf_v, infer_collapsed=inf_c, infer_ratio=inf_c.median / inf_v.median,
+        expand_seconds=expand_seconds, collapse_seconds=collapse_seconds, layers=_layer_rows(expanded),
+    )
+
+
+__all__ = ["BenchResult", "Timing", "bench", "with_mode"]

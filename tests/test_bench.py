@@ -1,0 +1,65 @@
+"""`kflo bench`: side-by-side measurements of an expansion against the vanilla model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kflo_cli.bench import bench, with_mode
+from kflo_cli.cli import app
+from kflo_cli.errors import KfloError
+
+runner = CliRunner()
+
+
+def test_bench_measures_both_models_and_collapses_to_the_original_size():
+    r = bench("lenet5", ["kflo"], batch_size=8, steps=2, warmup=1)
+    assert r.params_collapsed == r.params_vanilla == 61_706  # LeNet-5 with 10 classes
+    assert r.params_training > r.params_vanilla
+    # KFLO 2x4 composes each kernel once per batch: more MACs per image than vanilla, not the feature form's
+    assert r.macs_executed > r.macs_vanilla > 0 and r.macs_feature_form is None
+    assert r.step_vanilla.samples == r.step_expanded.samples == 2
+    assert r.step_ratio == pytest.approx(r.step_expanded.median / r.step_vanilla.median)
+    # the expansion holds ~5x the parameters (+ momentum): its resident bytes alone exceed vanilla's
+    assert r.memory_expanded > r.memory_vanilla > 0
+    assert r.expand_seconds > 0 and r.collapse_seconds > 0
+    assert {row["recipe"] for row in r.layers} == {"kflo"} and len(r.layers) == 5
+
+
+def test_feature_form_macs_are_reported_for_recipes_with_a_mode():
+    r = bench("smallnet_k7", ["expandnet-ck:rate=4,init=random"], batch_size=4, steps=1, warmup=0,
+              input_size=(3, 16, 16))
+    assert r.macs_feature_form is not None and r.macs_feature_form > r.macs_vanilla
+    assert r.recipes == ["expandnet-ck:rate=4,init=random"]
+    assert r.input_size == [3, 16, 16]  # the zoo model was built for 16x16 (img_size), as kflo train does
+    with pytest.raises(KfloError, match="does not take inputs of size 1,16"):
+        bench("smallnet_k7", ["expandnet-ck:rate=4,init=random"], batch_size=4, steps=1, warmup=0, input_size=(1, 16))
+
+
+def test_with_mode_adds_the_mode_only_where_a_recipe_has_one():
+    assert with_mode(["expandnet-ck:rate=4", "acnet"], "feature") == ["expandnet-ck:rate=4,mode=feature", "acnet"]
+    assert with_mode(["expandnet-fc"], "kernel") == ["expandnet-fc:mode=kernel"]
+    assert with_mode(["kflo"], None) == ["kflo"]
+    with pytest.raises(KfloError, match="contradicts"):
+        with_mode(["expandnet-ck:mode=kernel"], "feature")
+    with pytest.raises(KfloError, match="unknown"):
+        with_mode(["expandnet-ck"], "fastest")
+
+
+def test_bench_cli_writes_json_and_refuses_bad_options(tmp_path):
+    out = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", "lenet5", "--recipe", "kflo", "--steps", "1", "--warmup", "0", "--batch-size", "4",
+                            "--threads", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["params_collapsed"] == data["params_vanilla"] and data["step_vanilla"]["samples"] == 1
+    assert "training step" in r.output and "peak training memory" in r.output
+    for args, needle in ((["--batch-size", "0"], "--batch-size 0 is out of range"),
+                         (["--steps", "0"], "--steps 0 is out of range"),
+                         (["--input-size", "1,99999,28"], "--input-size 1,99999,28 is out of range"),
+                         (["--threads", "0"], "--threads 0 is out of range")):
+        r = runner.invoke(app, ["bench", "lenet5", "--recipe", "kflo", *args, "--json", str(tmp_path / "x.json")])
+        assert r.exit_code == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.output
+        assert not (tmp_path / "x.json").exists()
