@@ -168,6 +168,7 @@ class _Trainer:
     def __init__(self, model: nn.Module, device: torch.device, *, amp: bool, compile_model: bool) -> None:
         from .train.config import TrainConfig
         from .train.optim import ModifiedAdaptiveStep, build_optimizer, build_param_groups
+        from .train.parts import pretouched
 
         self.config = TrainConfig()
         self.device = device
@@ -175,8 +176,7 @@ class _Trainer:
         groups = build_param_groups(self.model, self.config)
         self.optimizer = build_optimizer(groups, self.config)
         self.modified = ModifiedAdaptiveStep(self.model, self.optimizer, groups)
-        self.parametrized = [(m, n) for m in self.model.modules() if parametrize.is_parametrized(m)
-                             for n in m.parametrizations]
+        self.parametrized = pretouched(self.model)
         self.net = torch.compile(self.model) if compile_model else self.model
         self.amp = amp
         self.scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle  # only for torch.load's UnpicklingError: nothing here unpickles (read_torch_state_dict: weights_only)
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -15,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from ._atomic import atomic_path
-from .errors import KfloError
-from .models import create_model, default_input_size
+from .errors import KfloError, is_out_of_memory
+from .models import MAX_IMG_SIZE, SOURCES, check_model_kwargs, create_model, default_input_size
 from .record import Selection, record, update_record
 from .surgery import expand, model_dtype
 
@@ -64,6 +67,11 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
         meta["layers"] = rec.layers_metadata()
     else:
         meta["collapsed_from"] = [dict(x) for x in rec.collapsed_from]
+    check_model_kwargs(rec.model_id, rec.model_kwargs)  # a record attached by hand: the same allow-list
+    problem = _structure_problem(meta)
+    if problem:
+        raise KfloError(f"cannot write a checkpoint that kflo would refuse to load ({problem}); build the model with "
+                        "kflo.create_model(NAME, ...) and smaller options")
     return meta
 
 
@@ -95,47 +103,121 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
         with safe_open(str(p), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
     except (SafetensorError, OSError, ValueError) as exc:
+        _refuse_pickle(p)
         raise KfloError(f"{p} is not a readable safetensors file ({exc}); pass a file written by kflo or safetensors") from None
     if raw is None:
         return None
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nesting deeper than Python's JSON parser goes
         raise KfloError(f"{p} has corrupt kflo metadata; re-create it with kflo expand/collapse") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
         raise KfloError(f"{p} has metadata that is not kflo's; re-create it with kflo expand/collapse")
     if meta["format_version"] > FORMAT_VERSION:
         raise KfloError(f"{p} uses checkpoint format {meta['format_version']}, newer than this kflo ({FORMAT_VERSION}); upgrade kflo")
-    problem = _structure_problem(meta)
-    if problem:
-        raise KfloError(f"{p} has damaged kflo metadata ({problem}); re-create it with kflo expand/collapse")
+    check_metadata(meta, str(p))
     return meta
 
 
+def check_metadata(meta: dict[str, Any], origin: str) -> None:
+    """Refuse a metadata block whose structure is damaged or whose values are out of bounds, before anything is
+    built or allocated from it: the field types, ``input_size`` (:data:`MAX_INPUT_DIMS` entries of at most
+    :data:`~kflo_cli.models.MAX_IMG_SIZE`, :data:`MAX_INPUT_VALUES` values in all), ``dtype``, and the model
+    arguments against :data:`~kflo_cli.models.MODEL_OPTIONS` (``origin`` names the file in the error)."""
+    problem = _structure_problem(meta)
+    if problem:
+        raise KfloError(f"{origin} has damaged kflo metadata ({problem}); re-create it with kflo expand/collapse")
+    check_model_kwargs(meta["model_id"], meta.get("model_kwargs", {}), origin)
+
+
+#: Bounds of a checkpoint's ``input_size`` (C, H, W or C, T, H, W): what verify-equivalence allocates per sample.
+MAX_INPUT_DIMS = 4
+MAX_INPUT_VALUES = 2**28
+#: Longest name (model id, layer, recipe, glob) a metadata block may hold.
+MAX_NAME = 1000
+
+
 def _structure_problem(meta: dict[str, Any]) -> str | None:
-    """What is wrong with the shape of a metadata block, or ``None``."""
+    """What is wrong with the shape of a metadata block (types and bounds), or ``None``."""
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
+    def is_name(v: Any) -> bool:
+        return isinstance(v, str) and 0 < len(v) <= MAX_NAME and v.isprintable()
+
+    def is_globs(v: Any) -> bool:
+        return isinstance(v, list) and all(is_name(g) for g in v)
+
     if meta.get("kind") not in ("expanded", "plain"):
         return "kind must be 'expanded' or 'plain'"
-    if not isinstance(meta.get("model_id"), str):
+    model_id = meta.get("model_id")
+    if not isinstance(model_id, str):
         return "model_id must be a string"
+    if not (is_name(model_id) and model_id.partition(":")[0] in SOURCES and model_id.partition(":")[2]):
+        return "model_id must be timm:NAME or torchvision:NAME"
     if not isinstance(meta.get("model_kwargs", {}), dict):
         return "model_kwargs must be a table"
     size = meta.get("input_size")
     if size is not None and not (isinstance(size, list) and size and all(is_int(v) and v > 0 for v in size)):
         return "input_size must be a list of positive integers"
+    if size is not None and (len(size) > MAX_INPUT_DIMS or max(size) > MAX_IMG_SIZE
+                             or math.prod(size) > MAX_INPUT_VALUES):
+        return (f"input_size must have at most {MAX_INPUT_DIMS} entries of at most {MAX_IMG_SIZE} and "
+                f"{MAX_INPUT_VALUES:,} values in all")
+    dtype = meta.get("dtype")
+    if dtype is not None and not (isinstance(dtype, str) and dtype.isidentifier() and len(dtype) <= 32
+                                  and isinstance(getattr(torch, dtype, None), torch.dtype)
+                                  and getattr(torch, dtype).is_floating_point):
+        return "dtype must name a floating-point torch dtype such as float32"
     if meta["kind"] == "plain":
+        collapsed = meta.get("collapsed_from", [])
+        if not isinstance(collapsed, list) or not all(isinstance(r, dict) and is_name(r.get("name"))
+                                                      and isinstance(r.get("params", {}), dict) for r in collapsed):
+            return "collapsed_from must be a list of {name, params} tables"
         return None
     recipes, layers = meta.get("recipes"), meta.get("layers")
-    if not isinstance(recipes, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
-                                                 and isinstance(r.get("params", {}), dict) for r in recipes):
+    if not isinstance(recipes, list) or not all(isinstance(r, dict) and is_name(r.get("name"))
+                                                 and isinstance(r.get("params", {}), dict)
+                                                 and is_globs(r.get("include", [])) and is_globs(r.get("exclude", []))
+                                                 for r in recipes):
         return "recipes must be a list of {name, params} tables"
-    if not isinstance(layers, list) or not all(isinstance(x, dict) and isinstance(x.get("name"), str)
-                                                and is_int(x.get("recipe_index")) for x in layers):
-        return "layers must be a list of {name, recipe_index} tables"
+    if not isinstance(layers, list) or not all(isinstance(x, dict) and is_name(x.get("name"))
+                                                and is_int(x.get("recipe_index")) and is_name(x.get("type")) and is_name(x.get("recipe"))
+                                                and isinstance(x.get("shape"), list)
+                                                and all(is_int(d) for d in x["shape"])
+                                                for x in layers):
+        return "layers must be a list of {name, recipe, recipe_index, type, shape} tables"
+    selection = meta.get("selection") or {}
+    if not (isinstance(selection, dict) and is_globs(selection.get("include", []))
+            and is_globs(selection.get("exclude", []))):
+        return "selection must be a table of include/exclude glob lists"
     return None
+
+
+def pickle_kind(path: str | os.PathLike) -> str | None:
+    """What PyTorch pickle checkpoint ``path`` looks like, from its first bytes: ``"zip"`` (``torch.save``'s
+    archive, ``PK\\x03\\x04``), ``"legacy"`` (a bare pickle: protocol byte ``0x80`` then 2..5, whose first eight
+    bytes read as a safetensors header length would exceed the file), or ``None``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 8 and head[0] == 0x80 and 2 <= head[1] <= 5 and int.from_bytes(head, "little") > size - 8:
+        return "legacy"
+    return None
+
+
+def _refuse_pickle(path: Path) -> None:
+    """One sentence for a PyTorch pickle checkpoint passed where a safetensors file is expected."""
+    kind = pickle_kind(path)
+    if kind is not None:
+        what = "a torch.save zip archive" if kind == "zip" else "a legacy torch.save pickle"
+        raise KfloError(f"{path} is a PyTorch pickle checkpoint ({what}), not safetensors, and kflo never unpickles "
+                        f"checkpoints; convert it safely (tensors only) with: kflo convert {path} -o OUT.safetensors")
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -143,6 +225,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
+        _refuse_pickle(Path(path))
         raise KfloError(f"{path} is not a readable safetensors file ({exc}); pass a file written by kflo or safetensors") from None
 
 
@@ -158,15 +241,19 @@ def recorded_specs(meta: dict[str, Any], params: Callable[[dict[str, Any]], dict
     return specs
 
 
-def rebuild(meta: dict[str, Any]) -> nn.Module:
+def rebuild(meta: dict[str, Any], origin: str = "the checkpoint") -> nn.Module:
     """The (expanded or plain) model a metadata block describes, with placeholder tensors for a checkpoint's.
 
-    The expansion is re-run on exactly the recorded layers, recipe index by index, as a rebuild: nothing is
-    initialised from the placeholder weights and no value is checked. The record gets the metadata's globs back.
+    The block is untrusted: :func:`check_metadata` runs first (``origin`` names the file in its errors), and the
+    architecture is built without pretrained weights from allow-listed arguments only. The expansion is re-run on
+    exactly the recorded layers, recipe index by index, as a rebuild: nothing is initialised from the placeholder
+    weights and no value is checked. The record gets the metadata's globs back.
     """
+    check_metadata(meta, origin)
+    kwargs = check_model_kwargs(meta["model_id"], meta.get("model_kwargs", {}), origin)
     damaged = "the file was edited or is damaged, re-create it with kflo expand/collapse"
     try:
-        model = create_model(meta["model_id"], **meta.get("model_kwargs", {}))
+        model = create_model(meta["model_id"], pretrained=False, **kwargs)
     except (TypeError, ValueError) as exc:
         raise KfloError(f"the checkpoint's model arguments {meta.get('model_kwargs')} do not build {meta['model_id']} "
                         f"({exc}); {damaged}") from None
@@ -224,7 +311,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     meta = read_metadata(path)
     if meta is None:
         raise KfloError(f"{path} has no kflo metadata; load it into a model with --init-from or safetensors.torch.load_file")
-    model = rebuild(meta)
+    model = rebuild(meta, str(path))
     tensors = load_tensors(path)
     check_tensors_match(model, tensors, path)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
@@ -258,16 +345,108 @@ def load_plain_weights(model: nn.Module, path: str | os.PathLike) -> None:
     load_into(model, tensors)
 
 
+def read_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in a PyTorch pickle checkpoint (``.pt``/``.pth``, zip or legacy), read with
+    ``torch.load(weights_only=True)``: torch's restricted unpickler, which rebuilds tensors and plain containers
+    and refuses every other global, so a hostile file cannot run code (it can make torch allocate the storage sizes
+    it declares). Accepts a dict of name -> tensor, or a dict whose ``state_dict`` or ``model`` entry is one."""
+    p = Path(path)
+    if not p.is_file():
+        raise KfloError(f"{p} {'is a directory' if p.is_dir() else 'does not exist'}; pass a .pt/.pth file written by torch.save")
+    fix = "save the weights as a plain state dict (torch.save(model.state_dict(), PATH)) and convert that"
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise KfloError(f"{p} holds more than tensors and plain containers ({_refusal(exc)}), and kflo never runs a "
+                        f"full unpickle; {fix}") from None
+    except (RuntimeError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+            zipfile.BadZipFile, SafetensorError) as exc:  # torch.load may try a file as safetensors first
+        if is_out_of_memory(exc):
+            raise
+        raise KfloError(f"{p} is not a checkpoint torch.load can read ({_refusal(exc)}); pass a .pt/.pth file "
+                        "written by torch.save") from None
+
+    def tensor_dict(value: Any) -> bool:
+        return (isinstance(value, dict) and bool(value)
+                and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))
+
+    state = obj if tensor_dict(obj) else None
+    if state is None and isinstance(obj, dict):
+        state = next((obj[k] for k in ("state_dict", "model") if tensor_dict(obj.get(k))), None)
+    if state is None:
+        keys = f" with keys {_short_keys(obj)}" if isinstance(obj, dict) else ""
+        raise KfloError(f"{p} holds a {type(obj).__name__}{keys}, not a state dict; kflo convert takes a dict of "
+                        "name -> tensor or a dict whose 'state_dict' or 'model' entry is one, so "
+                        + fix.replace("save", "save only", 1))
+    odd = next((k for k, v in state.items() if v.layout != torch.strided or v.is_quantized), None)
+    if odd is not None:
+        raise KfloError(f"{p}: tensor '{odd}' is sparse or quantized, which safetensors cannot hold; {fix} with dense tensors")
+    # a copy of each tensor (safetensors refuses tensors that share memory, e.g. tied weights)
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def _refusal(exc: BaseException) -> str:
+    """The informative line of a torch.load error (its first line otherwise), shortened."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    useful = [x for x in lines if not x.startswith(("Weights only load failed", "Check the documentation", "Please file"))]
+    text = (useful or lines or [type(exc).__name__])[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _short_keys(value: dict) -> str:
+    keys = [repr(k)[:40] for k in list(value)[:5]]
+    return "[" + ", ".join(keys) + (", ...]" if len(value) > 5 else "]")
+
+
+def convert(source: str | os.PathLike, output: str | os.PathLike, *, model: str | None = None,
+            num_classes: int | None = None, in_chans: int | None = None) -> int:
+    """Convert a PyTorch pickle checkpoint into a safetensors file usable with ``--init-from``, atomically.
+
+    The file is read by :func:`read_torch_state_dict` (``torch.load(weights_only=True)``, never a full unpickle).
+    Without ``model`` the tensors are written as they are (a plain safetensors file, no kflo metadata). With
+    ``model`` (a name for :func:`~kflo_cli.models.create_model`, with ``num_classes`` / ``in_chans``) the tensors
+    must load strictly into that architecture, and the file gets kflo's metadata (:func:`save`).
+
+    Returns:
+        The number of tensors written.
+
+    >>> import kflo_cli.checkpoint as ckpt
+    >>> ckpt.convert("resnet18.pth", "resnet18.safetensors", model="torchvision:resnet18")  # doctest: +SKIP
+    """
+    src, out = Path(source), Path(output)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise KfloError(f"-o {out} would overwrite the checkpoint it converts; choose another output path")
+    if model is None and (num_classes is not None or in_chans is not None):
+        raise KfloError("--num-classes and --in-chans describe the architecture of --model; add --model NAME or drop them")
+    tensors = read_torch_state_dict(src)
+    if model is None:
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp))
+        return len(tensors)
+    net = create_model(model, num_classes=num_classes, in_chans=in_chans)
+    check_tensors_match(net, tensors, src, OTHER_ARCHITECTURE)
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        net.to(dtypes.pop())
+    load_into(net, tensors)
+    save(net, out)
+    return len(tensors)
+
+
 __all__ = [
     "FORMAT_VERSION",
-        "check_tensors_match",
+    "check_metadata",
+    "check_tensors_match",
+    "convert",
     "load",
     "load_into",
     "load_plain_weights",
     "load_tensors",
     "model_metadata",
     "parse_dtype",
+    "pickle_kind",
     "read_metadata",
+    "read_torch_state_dict",
     "rebuild",
     "recorded_specs",
     "save",

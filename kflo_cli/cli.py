@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .errors import KfloError, is_out_of_memory
 from .train.commands import train_options
+from .train.quickstart import QUICKSTART
 
 app = typer.Typer(
     name="kflo",
@@ -23,6 +24,8 @@ app = typer.Typer(
     add_completion=False,
 )
 _STATE = {"debug": False}
+#: What an interrupted command prints (exit status 130); kflo_cli.__main__ prints the same for Ctrl-C at start-up.
+INTERRUPTED = "interrupted (Ctrl-C)"
 
 
 class _LazyConsole:
@@ -43,14 +46,25 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn KfloError into one stderr line and exit 2; other failures into one line and exit 1 (--debug: raise)."""
+    """Turn KfloError into one stderr line and exit 2; other failures into one line and exit 1; Ctrl-C into one line
+    and exit 130 (--debug: raise)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except typer.Exit as exc:
+            if exc.exit_code == 130:  # the command said why it stopped (a saved run, an interrupted sweep)
+                _STATE["told_interrupt"] = True
             raise
+        except typer.Abort:
+            raise
+        except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and says so itself)
+            if _STATE["debug"]:
+                raise
+            print(INTERRUPTED, file=sys.stderr)
+            _STATE["told_interrupt"] = True
+            raise typer.Exit(130) from None
         except KfloError as exc:
             if _STATE["debug"]:
                 raise
@@ -226,9 +240,22 @@ def verify_equivalence(
         f"input {tuple(report.input_size)} x {batch_size}, {trials} trials: max |error| {report.max_abs_error:.3e}, "
         f"output scale {report.output_scale:.3e}, relative {report.rel_error:.3e} (tolerance {report.rtol:.0e})"
     )
+    if report.compared != "outputs":  # a detection model: compared before its thresholds and NMS
+        console.print(f"compared: {report.compared}")
+    worst = report.worst
+    if worst is not None and len(report.leaves) > 1:
+        console.print(f"{len(report.leaves)} output tensors compared; largest relative error in '{worst.path}'")
     if report.passed:
         console.print("[green]PASS[/]: the collapsed model computes the same function")
         return
+    if len(report.leaves) > 1:
+        leaf_table = Table(title="per-output error (largest first)")
+        for col in ("output", "max |error|", "scale", "relative"):
+            leaf_table.add_column(col)
+        for leaf in sorted(report.leaves, key=lambda row: row.rel, reverse=True)[:20]:
+            rel = "differs (exact)" if leaf.exact and leaf.rel > 0 else f"{leaf.rel:.3e}"
+            leaf_table.add_row(leaf.path, f"{leaf.max_abs:.3e}", f"{leaf.scale:.3e}", rel)
+        console.print(leaf_table)
     table = Table(title="per-layer error (largest first)")
     for col in ("layer", "max |error|", "relative"):
         table.add_column(col)
@@ -252,6 +279,8 @@ def recipes() -> None:
         table.add_column(col)
     for cls in list_recipes():
         params = "\n".join(f"{k}={p.default!r} ({p.type.__name__}): {p.help}" for k, p in cls.params.items()) or "-"
+        if getattr(cls, "shorthand", None) is not None:
+            params += "\n" + cls.shorthand.describe(cls.name)
         table.add_row(cls.name, params, cls.description, cls.source)
     console.print(table)
     files = bundled_recipe_files()
@@ -387,6 +416,23 @@ def inspect(path: Annotated[Path, typer.Argument(help="A kflo checkpoint (.safet
 
 @app.command()
 @handle_errors
+def convert(
+    source: Annotated[Path, typer.Argument(help="A PyTorch checkpoint (.pt/.pth, zip or legacy) holding a state dict.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Safetensors file to write, usable with --init-from.")],
+    model: Annotated[Optional[str], typer.Option("--model", help="Check that the tensors load strictly into this model and write kflo metadata.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="With --model: passed to the model constructor.")] = None,
+    in_chans: Annotated[Optional[int], typer.Option("--in-chans", help="With --model: input channels (timm models).")] = None,
+) -> None:
+    """Convert a PyTorch pickle checkpoint to safetensors, reading tensors only (torch.load weights_only=True)."""
+    from .checkpoint import convert as do_convert
+
+    count = do_convert(source, output, model=model, num_classes=num_classes, in_chans=in_chans)
+    checked = f", loads strictly into {model}" if model else ""
+    console.print(f"wrote {output} ({count} tensors{checked})")
+
+
+@app.command()
+@handle_errors
 @train_options  # SOURCE and one option per TrainConfig field (kflo_cli/train/config.py), passed in `overrides`
 def train(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Run directory to create.", rich_help_panel="Run")] = None,
@@ -406,16 +452,17 @@ def train(
 @app.command()
 @handle_errors
 def quickstart(
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Keep the two run directories here (default: a temporary folder).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs of each run (default 8).")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Keep the two run directories here (default: a temporary folder, deleted at the end: nothing is kept).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help=f"Epochs of each run (default {QUICKSTART['epochs']}).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier quickstart's runs in -o DIR (a folder that holds anything is refused otherwise).")] = False,
 ) -> None:
     """Expand LeNet-5 with KFLO 2x4, train it and a vanilla baseline on the bundled digits, collapse, verify."""
     from .train import EXIT_INTERRUPTED, TrainingInterrupted
     from .train.quickstart import quickstart as run_quickstart
 
     try:
-        run_quickstart(output, epochs=epochs, seed=seed)
+        run_quickstart(output, epochs=epochs, seed=seed, overwrite=overwrite)
     except TrainingInterrupted as exc:
         kept = (f"the interrupted run is kept (kflo train --resume {exc.run_dir} continues it); " if output is not None
                 else "")
@@ -437,9 +484,33 @@ _SHOW_WARNING = warnings.showwarning
 
 
 def main() -> None:
-    """Entry point of the ``kflo`` console script."""
+    """Run the CLI (the ``kflo`` console script and ``python -m kflo_cli`` call it through :mod:`kflo_cli.__main__`,
+    which also turns Ctrl-C during this module's imports into one line)."""
+    try:  # typer >= 0.16 carries its own copy of click
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click import exceptions as cx
+
     warnings.showwarning = _one_line_warning
-    app()
+    _STATE["told_interrupt"] = False
+    try:
+        code = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError as exc:  # `kflo` or `kflo CMD` alone: the help, as click would show it
+        print(exc.format_message())
+        sys.exit(0 if exc.ctx is None or exc.ctx.parent is None else 2)
+    except cx.UsageError as exc:  # a bad command line: one line and exit 2, as every other user error
+        command = exc.ctx.command_path if exc.ctx is not None else "kflo"
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        print(f"error: {message}; see {command} --help", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command (while parsing)
+        if not _STATE.get("told_interrupt"):
+            print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
+    except cx.ClickException as exc:  # anything else click refuses before a command runs
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "fail", "handle_errors", "main"]

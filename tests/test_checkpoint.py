@@ -33,7 +33,8 @@ def test_metadata_records_everything(expanded_lenet):
     assert meta["kind"] == "expanded"
     assert meta["model_id"] == "timm:lenet5"
     assert meta["model_kwargs"] == {"num_classes": 7}
-    assert meta["recipes"] == [{"name": "kflo", "params": {"depth": 3, "width": 2.0}, "include": [], "exclude": []}]
+    assert meta["recipes"] == [{"name": "kflo", "params": {"depth": 3, "width": 2.0, "mode": "auto", "decay": "composed"},
+                                "include": [], "exclude": []}]
     assert meta["selection"] == {"include": [], "exclude": ["features.0"]}
     names = [layer["name"] for layer in meta["layers"]]
     assert "features.0" not in names and len(names) == 4

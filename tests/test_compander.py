@@ -48,7 +48,9 @@ def test_compander_layer(layer_input, fn, learnable, a, b, seed):
     largest = layer.weight.detach().abs().max().item()
     if largest / a > COMPANDERS[fn].max_ratio:
         workable = smallest_workable_a(largest, fn)
-        with pytest.raises(KfloError, match=rf"layer '0' has weights up to .* use a >= {workable:g} for this layer, or --exclude '0'"):
+        with pytest.raises(KfloError, match=rf"layer '0' has weights up to .* use a >= {workable:g} for this layer: --recipe "
+                                            rf"compander:a={workable:g}.* or --recipe compander:a=auto.* \(an a per layer\), "
+                                            r"or --exclude '0'"):
             kflo.expand(nn.Sequential(layer), spec)
         a = workable
         spec = f"compander:a={a},b={b},fn={fn},learnable={learnable}"
@@ -77,7 +79,8 @@ def test_refusal_uses_the_slope_criterion_and_the_smallest_a_works():
         layer.weight.fill_(0.1)
         layer.weight[1, 2] = -1.2
     with pytest.raises(KfloError, match=r"compander: layer 'fc' has weights up to \|w\| = 1.2, beyond what arctan "
-                                        r"with a=0.5 represents .* use a >= 0.78 for this layer, or --exclude 'fc'"):
+                                        r"with a=0.5 represents .* use a >= 0.78 for this layer: --recipe compander:a=0.78 "
+                                        r"or --recipe compander:a=auto \(an a per layer\), or --exclude 'fc'"):
         kflo.expand(nn.ModuleDict({"fc": layer}), "compander:a=0.5")
     kflo.expand(nn.ModuleDict({"fc": layer}), "compander:a=0.78")
     two = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
@@ -85,7 +88,8 @@ def test_refusal_uses_the_slope_criterion_and_the_smallest_a_works():
         two[0].weight.fill_(1.0)
         two[1].weight.fill_(3.0)
     with pytest.raises(KfloError, match=r"layer '0' .* use a >= 0.65 for this layer and a >= 1.95 for every layer "
-                                        r"\(the largest weight is in '1'\), or --exclude '0'"):
+                                        r"\(the largest weight is in '1'\): --recipe compander:a=1.95 or --recipe "
+                                        r"compander:a=auto \(an a per layer\), or --exclude '0'"):
         kflo.expand(two, "compander:a=0.5")
 
 
@@ -198,7 +202,7 @@ def test_powerprop_zero_weights_have_finite_gradients_and_roles():
     assert torch.isfinite(grad).all() and torch.all(grad[0] == 0)
     assert kflo.param_roles(model)[f"0.{V}"] == kflo.ParamRole("powerprop-v", "default", decay_target="composed")
     assert torch.allclose(kflo.decay_penalty(model, 0.1), 0.05 * layer.weight.pow(2).sum())
-    with pytest.raises(KfloError, match="alpha must be a number >= 1"):
+    with pytest.raises(KfloError, match="alpha=0.5 is out of range; use a number from 1 to 16"):
         kflo.create_recipe("powerprop:alpha=0.5")
 
 

@@ -120,11 +120,11 @@ def test_width_rounds_half_up(width, rows):
 
 
 @pytest.mark.parametrize("spec,fragment", [
-    ("kflo:depth=1", "B must be an integer >= 2"),
+    ("kflo:depth=1", "depth=1 is out of range; use an integer from 2 to 16"),
     ("kflo:depth=2.5", "not a valid int"),
-    ("kflo:width=0", "rho must be a number > 0"),
-    ("kflo:width=-1", "rho must be a number > 0"),
-    ("kflo:width=nan", "rho must be a number > 0"),
+    ("kflo:width=0", "width=0 is out of range; use a number > 0 and at most 64"),
+    ("kflo:width=-1", "width=-1 is out of range; use a number > 0 and at most 64"),
+    ("kflo:width=nan", "width=nan is not a finite number"),
     ("kflo:width=abc", "not a valid float"),
     ("kflo:depht=2", "has no parameter depht"),
     ("kflo:depth", "is not key=value"),

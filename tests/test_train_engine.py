@@ -89,7 +89,9 @@ def test_each_recipe_family_trains_collapses_and_verifies(tmp_path, model, recip
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 1 and {"train_loss", "train_acc", "test_loss", "test_acc", "lr"} <= set(history[0])
     assert (run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,step,lr,train_loss")
-    assert json.loads((run / "config.json").read_text()) == config.to_dict()
+    saved = json.loads((run / "config.json").read_text())
+    assert {k: v for k, v in saved.items() if k not in ("run_id", "fingerprint")} == config.to_dict()
+    assert saved["run_id"] == load_state(run)["info"]["run_id"] and len(saved["fingerprint"]) == 16
     last = kflo.load(run / "last.safetensors")
     if recipe is None:
         assert s.kind == "vanilla" and s.collapsed is None and not (run / "collapsed.safetensors").exists()
@@ -199,7 +201,8 @@ def test_checkpoint_sources(tmp_path):
     # an expanded checkpoint trains as it is, with its recipe recorded
     result = start(cfg(source=str(tmp_path / "expanded.safetensors"), epochs=1), tmp_path / "a", data=tiny(), **QUIET)
     assert result.summary.kind == "expanded" and result.summary.collapsed.verification.passed
-    assert kflo.read_metadata(tmp_path / "a" / "last.safetensors")["recipes"][0]["params"] == {"depth": 2, "width": 2.0}
+    assert kflo.read_metadata(tmp_path / "a" / "last.safetensors")["recipes"][0]["params"] == {"depth": 2, "width": 2.0, "mode": "auto",
+                                                                                      "decay": "composed"}
     with pytest.raises(KfloError, match="already expanded"):
         start(cfg(source=str(tmp_path / "expanded.safetensors"), recipe=["kflo"]), tmp_path / "b", data=tiny(), **QUIET)
     # a plain checkpoint is expanded on the fly, starting from exactly its function

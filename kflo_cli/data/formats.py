@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import os
 import pickle
 import zlib
@@ -71,12 +72,20 @@ def parse_idx(data: bytes, where: str) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 
+#: The most bytes a gzip-compressed idx file may decompress to (MNIST's training images are 47 MB), so a small
+#: hostile ``.gz`` cannot make kflo allocate without bound.
+MAX_IDX_BYTES = 1 << 30
+
+
 def read_idx(path: Path, fix: str) -> np.ndarray:
     """Read an idx file, gzip-compressed or not (decided by its first bytes, not its name)."""
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                raw = f.read(MAX_IDX_BYTES + 1)
+            if len(raw) > MAX_IDX_BYTES:
+                raise ValueError(f"it decompresses to more than {MAX_IDX_BYTES:,} bytes")
         return parse_idx(raw, str(path))
     except (OSError, EOFError, zlib.error, ValueError) as exc:
         raise KfloError(f"{path} cannot be read as an idx file ({exc}); {fix}") from None
@@ -178,15 +187,26 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refusing a persistent id")
 
 
-def _no_object_arrays(value: Any) -> None:
-    if isinstance(value, np.ndarray) and value.dtype.hasobject:
-        raise pickle.UnpicklingError("refusing an array of Python objects")
-    if isinstance(value, dict):
-        for v in value.values():
-            _no_object_arrays(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _no_object_arrays(v)
+def _no_object_arrays(value: Any, limit: int | None = None) -> None:
+    """Refuse arrays of Python objects, and arrays of more than ``limit`` bytes in all: a real batch's pixels are
+    stored in the file, so more than the file's size means a forged shape (numpy reserved it without touching it).
+    Walks containers without recursion, each object once (a pickle may nest deeply or hold cycles)."""
+    total, seen, stack = 0, set(), [value]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, np.ndarray):
+            if item.dtype.hasobject:
+                raise pickle.UnpicklingError("refusing an array of Python objects")
+            total += item.nbytes
+            if limit is not None and total > limit:
+                raise pickle.UnpicklingError(f"refusing arrays of more than the file's {limit:,} bytes")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def load_pickle(path: Path, fix: str) -> Any:
@@ -194,11 +214,12 @@ def load_pickle(path: Path, fix: str) -> Any:
     try:
         with path.open("rb") as f:
             value = RestrictedUnpickler(f, encoding="latin1").load()
-        _no_object_arrays(value)
+        _no_object_arrays(value, path.stat().st_size)
         return value
     except pickle.UnpicklingError as exc:
         raise KfloError(f"{path} is not a plain data pickle: {exc}; {fix}") from None
-    except (OSError, EOFError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
+    except (OSError, EOFError, ValueError, TypeError, IndexError, AttributeError, KeyError, MemoryError,
+            RecursionError) as exc:
         raise KfloError(f"{path} cannot be read as a CIFAR batch ({type(exc).__name__}: {exc}); {fix}") from None
 
 
@@ -346,7 +367,7 @@ def _folder_mode(path: str) -> str:
     try:
         with Image.open(path) as img:
             return "L" if img.mode in GREY_MODES else "RGB"
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError) as exc:  # more than twice Pillow's MAX_IMAGE_PIXELS
         raise KfloError(f"cannot read image {path} ({exc}); remove or replace it") from None
 
 
@@ -357,6 +378,6 @@ def read_image(path: str, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             array = np.array(img.convert(mode), dtype=np.uint8)  # a writable copy for torch
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError) as exc:
         raise KfloError(f"cannot read image {path} ({exc}); remove or replace it") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

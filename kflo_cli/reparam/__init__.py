@@ -13,6 +13,7 @@ from .base import (
     Param,
     ParamRole,
     Recipe,
+    Shorthand,
     WeightRecipe,
 )
 from .layers import padding_kind, restore_plain, round_half_up, weight_space_problem
@@ -40,6 +41,7 @@ __all__ = [
     "ParamRole",
     "Recipe",
     "RecipeSpec",
+    "Shorthand",
     "WeightRecipe",
     "as_spec",
     "create_recipe",

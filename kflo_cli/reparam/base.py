@@ -14,6 +14,7 @@ Every hook receives a :class:`LayerContext`; no recipe reads ambient state.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
@@ -51,11 +52,22 @@ class LayerContext:
     shared: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
+def _number(x: float) -> str:
+    """A bound as people write it: ``64``, ``0.001``, ``1000``."""
+    return f"{x:g}"
+
+
 @dataclass(frozen=True)
 class Param:
-    """One recipe parameter: its type, default, help text and an optional check.
+    """One recipe parameter: its type, default, help text, an optional check, choices and bounds.
 
     ``check`` returns an error string (what is wrong and what is allowed) or ``None`` when the value is valid.
+
+    Numbers (``int`` and ``float``) should declare their range with ``low`` and ``high`` (inclusive; ``low_open``
+    excludes ``low`` itself): :meth:`parse` refuses a value outside it with the range in the message, before any
+    recipe code sees the value, so nothing is ever allocated from it. Floats must be finite; ints refuse booleans
+    and non-integer numbers. ``keywords`` are words accepted besides numbers (the compander's ``a=auto``); such a
+    value is passed on as the lower-case string and skips the range and ``check``.
     """
 
     type: type
@@ -63,9 +75,44 @@ class Param:
     help: str
     check: Callable[[Any], str | None] | None = None
     choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    keywords: tuple[str, ...] = ()
+
+    def allowed(self) -> str:
+        """What the range allows, as the end of a sentence: ``an integer from 2 to 16``, ``a number > 0 and at
+        most 64``, ``a number from 0.001 to 1000, or auto``; empty when no range is declared."""
+        lo, hi = self.low, self.high
+        kind = "an integer" if self.type is int else "a number"
+        if lo is not None and hi is not None:
+            text = (f"{kind} > {_number(lo)} and at most {_number(hi)}" if self.low_open
+                    else f"{kind} from {_number(lo)} to {_number(hi)}")
+        elif lo is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {_number(lo)}"
+        elif hi is not None:
+            text = f"{kind} <= {_number(hi)}"
+        else:
+            return ""
+        return text + "".join(f", or {k}" for k in self.keywords)
+
+    def _in_range(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
 
     def parse(self, recipe: str, name: str, raw: Any) -> Any:
-        """Convert ``raw`` (a string from the CLI or a TOML value) and validate it."""
+        """Convert ``raw`` (a string from the CLI, a TOML value or a checkpoint's JSON value) and validate it.
+
+        Raises:
+            KfloError: one sentence naming the recipe, the parameter, the value and what is allowed.
+        """
+        if self.keywords and isinstance(raw, str) and raw.strip().lower() in self.keywords:
+            return raw.strip().lower()
+        allowed = self.allowed()
+        shown = raw.strip() if isinstance(raw, str) else repr(raw)
+        if len(shown) > 40:
+            shown = shown[:37] + "..."
         try:
             if isinstance(raw, bool) and self.type is not bool:  # TOML's true is not the number 1
                 raise ValueError(raw)
@@ -85,12 +132,19 @@ class Param:
                 value = int(as_float)
             else:
                 value = self.type(raw)
-            if self.type is int and abs(value) >= 2**31:
-                raise ValueError(raw)
         except (TypeError, ValueError, OverflowError):
+            if isinstance(raw, int) and not isinstance(raw, bool) and allowed:  # an integer too large for a float
+                raise KfloError(f"recipe '{recipe}': {name}={shown} is out of range; use {allowed}") from None
             raise KfloError(
                 f"recipe '{recipe}': parameter {name}={raw!r} is not a valid {self.type.__name__}; {self.help}"
             ) from None
+        if self.type is float and not math.isfinite(value):
+            raise KfloError(f"recipe '{recipe}': {name}={shown} is not a finite number; "
+                            + (f"use {allowed}" if allowed else self.help))
+        if self.type in (int, float) and allowed and not self._in_range(value):
+            raise KfloError(f"recipe '{recipe}': {name}={shown} is out of range; use {allowed}")
+        if self.type is int and abs(value) >= 2**31:
+            raise KfloError(f"recipe '{recipe}': {name}={shown} is out of range; use an integer below 2^31 in size")
         if self.choices is not None and value not in self.choices:
             raise KfloError(f"recipe '{recipe}': {name}={value!r} is not one of {', '.join(self.choices)}")
         if self.check is not None:
@@ -98,6 +152,31 @@ class Param:
             if problem:
                 raise KfloError(f"recipe '{recipe}': {name}={value!r} is invalid: {problem}")
         return value
+
+
+@dataclass(frozen=True)
+class Shorthand:
+    """A recipe's short form in a spec, besides ``key=value`` pairs: KFLO's ``kflo:2x4`` (the papers' "KFLO 2x4")
+    for ``depth=2,width=4``.
+
+    It may be the first item after the colon (``kflo:2x4`` or ``kflo:2x4,key=value``); the registry hands the item
+    to :attr:`parse` and converts and checks the values it returns like ``key=value`` ones.
+
+    Attributes:
+        form: how it is written, e.g. ``BxRHO`` (shown by ``kflo recipes``).
+        meaning: what it stands for, e.g. ``depth=B,width=RHO``.
+        example: one instance, e.g. ``2x4``.
+        parse: ``parse(text) -> {parameter: raw value}``, or ``None`` when ``text`` is not this form.
+    """
+
+    form: str
+    meaning: str
+    example: str
+    parse: Callable[[str], dict[str, str] | None]
+
+    def describe(self, recipe: str) -> str:
+        """One line for ``kflo recipes`` and messages: ``shorthand kflo:BxRHO = depth=B,width=RHO (e.g. kflo:2x4)``."""
+        return f"shorthand {recipe}:{self.form} = {self.meaning} (e.g. {recipe}:{self.example})"
 
 
 @dataclass(frozen=True)
@@ -143,6 +222,8 @@ class Recipe:
     source: ClassVar[str] = "built-in"
     #: whether :meth:`stack_weights` is implemented (KFLO's transfer from several pretrained networks).
     stacks_weights: ClassVar[bool] = False
+    #: an optional short form in specs (:class:`Shorthand`, e.g. KFLO's ``kflo:2x4``).
+    shorthand: ClassVar[Shorthand | None] = None
 
     def __init__(self, **values: Any) -> None:
         unknown = sorted(set(values) - set(self.params))
@@ -243,6 +324,35 @@ def _attach(module: nn.Module, tensor_name: str, parametrization: nn.Module) -> 
         del parametrization.right_inverse
 
 
+#: The most elements the factors of one layer may hold (8 GiB in float32), unless the layer's weight is itself so
+#: large that twice its size is more; checked (:meth:`WeightRecipe.size_problem`) before anything is allocated.
+MAX_FACTOR_ELEMENTS = 2**31
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device``, or ``None`` when unknown: CUDA's free device memory, the CPU's
+    ``MemAvailable`` (Linux); nothing for other devices."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError, RuntimeError):
+        pass
+    return None
+
+
+def _size(nbytes: int) -> str:
+    """``16 GiB``, ``3.2 MiB``, ``900 bytes``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
+
+
 class WeightRecipe(Recipe):
     """A recipe whose layer keeps running its own forward on a weight composed from factors.
 
@@ -256,8 +366,38 @@ class WeightRecipe(Recipe):
     :meth:`forward_class` (run the layer through another forward, e.g. ExpandNet's chain of real convolutions).
     """
 
+    #: the parameters that make this recipe's factors larger (named when a layer's factors would be too large).
+    size_params: ClassVar[tuple[str, ...]] = ()
+
     def make_parametrization(self, layer: LayerContext) -> nn.Module:
         raise NotImplementedError
+
+    def factor_count(self, layer: LayerContext) -> int | None:
+        """How many elements the tensors :meth:`make_parametrization` would create for ``layer`` hold, computed
+        without allocating anything (``None``: unknown, so not checked)."""
+        return None
+
+    def size_problem(self, layer: LayerContext) -> str | None:
+        """An error sentence when ``layer``'s factors would exceed :data:`MAX_FACTOR_ELEMENTS` (or twice the layer's
+        own weight, if that is more) or the memory free on the layer's device; ``None`` otherwise."""
+        count = self.factor_count(layer)
+        if count is None:
+            return None
+        weight = layer.module.weight
+        limit = max(MAX_FACTOR_ELEMENTS, 2 * weight.numel())
+        need = count * weight.element_size()
+        free = available_bytes(weight.device) if count <= limit else None
+        if count <= limit and (free is None or need <= free):
+            return None
+        why = (f"more than one layer's factors may hold ({limit:,} elements)" if count > limit
+               else f"more than the {_size(free)} free on {weight.device.type}")  # type: ignore[arg-type]
+        fix = f"lower {' or '.join(self.size_params)}, or " if self.size_params else ""
+        return (f"{self.name}: layer '{layer.name}' would get factors of {count:,} elements ({_size(need)} in "
+                f"{str(weight.dtype).removeprefix('torch.')}), {why}; {fix}--exclude '{layer.name}'")
+
+    def check(self, layer: LayerContext) -> str | None:
+        """The size check (:meth:`size_problem`); subclasses that add checks call it first."""
+        return self.size_problem(layer)
 
     def make_bias_parametrization(self, layer: LayerContext, weight_parametrization: nn.Module) -> nn.Module | None:
         """A parametrization of the layer's ``bias`` (``None``: the bias stays an ordinary parameter)."""
@@ -283,6 +423,10 @@ class WeightRecipe(Recipe):
     def expand_layer(self, layer: LayerContext) -> nn.Module:
         module = layer.module
         weight = module.weight
+        if layer.rebuilding:  # check() ran at planning otherwise; a checkpoint's recipe must not allocate blindly
+            problem = self.size_problem(layer)
+            if problem:
+                raise KfloError(problem)
         param = self.make_parametrization(layer)
         param.to(device=weight.device, dtype=weight.dtype)
         note = None
@@ -340,5 +484,5 @@ class WeightRecipe(Recipe):
         return {FACTOR_PREFIX + k: v for k, v in (get() if get is not None else {}).items()}
 
 
-__all__ = ["CONV_TYPES", "FACTOR_PREFIX", "FILTER_TYPES", "LayerContext", "ORDINARY", "Param", "ParamRole", "Recipe",
-           "WeightRecipe"]
+__all__ = ["CONV_TYPES", "FACTOR_PREFIX", "FILTER_TYPES", "LayerContext", "MAX_FACTOR_ELEMENTS", "ORDINARY", "Param",
+           "ParamRole", "Recipe", "Shorthand", "WeightRecipe", "available_bytes"]

@@ -75,8 +75,9 @@ class DOConvParametrization(nn.Module):
         return {"kernel": ParamRole("doconv-kernel"), "depthwise": ParamRole("doconv-depthwise")}
 
 
-def _check_depth_multiplier(v: int) -> str | None:
-    return None if v >= 0 else "D_mul must be 0 (the kernel's number of taps) or an integer >= the taps"
+#: The ceiling of D_mul (docs/recipes.md, "Parameter bounds"): the paper uses the taps (9 for 3 x 3); 4096 covers
+#: kernels up to 16 x 16 x 16 taps and keeps a 512 x 512 x 3 x 3 convolution's factors below 2^31 elements.
+MAX_DEPTH_MULTIPLIER = 4096
 
 
 @register_recipe
@@ -89,10 +90,13 @@ class DOConv(WeightRecipe):
         "depth_multiplier": Param(
             int,
             0,
-            "D_mul, columns per input channel: 0 = the kernel's number of taps prod(k); otherwise >= prod(k)",
-            _check_depth_multiplier,
+            "D_mul, columns per input channel: 0 = the kernel's number of taps prod(k); otherwise an integer from "
+            f"prod(k) to {MAX_DEPTH_MULTIPLIER}",
+            low=0,
+            high=MAX_DEPTH_MULTIPLIER,
         ),
     }
+    size_params = ("depth_multiplier",)
 
     def considers(self, module: nn.Module) -> bool:
         return isinstance(module, CONV_TYPES)
@@ -111,14 +115,21 @@ class DOConv(WeightRecipe):
         module = layer.module
         taps, dmul = kernel_taps(module), self.depth_multiplier(module)
         if dmul >= taps:
-            return None
+            return super().check(layer)
         return (f"doconv: layer '{layer.name}' has a {'x'.join(map(str, module.kernel_size))} kernel ({taps} taps) but "
                 f"depth_multiplier={dmul}; use depth_multiplier >= {taps}, 0 for each kernel's own taps, "
                 f"or --exclude '{layer.name}'")
+
+    def factor_count(self, layer: LayerContext) -> int:
+        """``out * in/groups * D_mul + in * M * D_mul`` (W and D) plus the ``M x D_mul`` identity buffer."""
+        module = layer.module
+        out, per_group = module.weight.shape[:2]
+        taps, dmul = kernel_taps(module), self.depth_multiplier(module)
+        return out * per_group * dmul + module.in_channels * taps * dmul + taps * dmul
 
     def make_parametrization(self, layer: LayerContext) -> nn.Module:
         module = layer.module
         return DOConvParametrization(module.weight.shape, module.in_channels, module.groups, self.depth_multiplier(module))
 
 
-__all__ = ["DOConv", "DOConvParametrization", "kernel_taps"]
+__all__ = ["DOConv", "DOConvParametrization", "MAX_DEPTH_MULTIPLIER", "kernel_taps"]

@@ -12,12 +12,14 @@ Padding goes on the first link, the layer's groups and dilation on every link (p
 owned by an :class:`~kflo_cli.reparam.expandnet_chain.ExpandChain` registered as the layer's ``weight``
 parametrization (and the composed bias as its ``bias`` parametrization) in both forms, so checkpoints have the
 same keys whichever form wrote them. ``mode=kernel`` runs the layer's own forward on the composed kernel;
-``mode=feature`` runs the chain of real layers (and allows the nonlinear counterpart of the "+Init" scheme).
+``mode=feature`` runs the chain of real layers (and allows the nonlinear counterpart of the "+Init" scheme);
+``mode=auto`` (the default) picks the cheaper form per layer (:mod:`kflo_cli.reparam.execution`).
 See docs/expandnet.md.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -25,25 +27,30 @@ import torch.nn as nn
 
 from ..errors import KfloError
 from .base import CONV_TYPES, LayerContext, Param, ParamRole, WeightRecipe
+from .execution import MODES, form_class
 from .expandnet_chain import ACTIVATIONS, ComposedBias, ExpandChain, chain_width
 from .layers import padding_kind, weight_space_problem
 from .registry import register_recipe
 
-MODES = ("kernel", "feature")
 NONLINEAR = ("none", *ACTIVATIONS)
 INITS = ("auto", "preserve", "random")
 DECAYS = ("factors", "composed")
 
 
-def _check_rate(v: float) -> str | None:
-    return None if v > 0 and v != float("inf") else "the expansion rate r must be a number > 0"
+#: Bounds of r and L (docs/recipes.md, "Parameter bounds"): the paper uses r = 4 and L = 3 (FC); at either ceiling,
+#: with the other parameter at its default, the chain of a 512 x 512 x 3 x 3 convolution (CL) or of a 512 x 512
+#: Linear (FC) holds fewer than 2^31 elements.
+MAX_RATE = 16.0
+MAX_LAYERS = 16
 
 
 def _common_params() -> dict[str, Param]:
     return {
-        "rate": Param(float, 4.0, "r, the expansion rate: inner widths are r*m and r*n (a number > 0)", _check_rate),
-        "mode": Param(str, "kernel", "kernel: compose the chain's kernel and run the layer on it; feature: run the "
-                      "chain of real layers (the paper's form)", choices=MODES),
+        "rate": Param(float, 4.0, f"r, the expansion rate: inner widths are r*m and r*n (a number > 0 and at most "
+                      f"{MAX_RATE:g})", low=0.0, high=MAX_RATE, low_open=True),
+        "mode": Param(str, "auto", "kernel: compose the chain's kernel and run the layer on it; feature: run the "
+                      "chain of real layers (the paper's form); auto: the cheaper of the two for the input shape each "
+                      "layer sees (docs/performance.md)", choices=MODES),
         "nonlinear": Param(str, "none", "an activation between the chained layers (mode=feature): the nonlinear "
                            "counterpart of the +Init scheme, not collapsible", choices=NONLINEAR),
         "init": Param(str, "auto", "preserve: start from the layer's own weight and bias where the widths allow an "
@@ -58,34 +65,6 @@ def _stem_param() -> Param:
     return Param(str, "keep", "keep: the first width of an RGB stem (the model's first convolution, 3 input "
                  "channels) stays m, as in the official code and the paper's tables; expand: r*m everywhere "
                  "(the paper's formula)", choices=("keep", "expand"))
-
-
-def feature_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``forward`` of a layer expanded with ``mode=feature``: pad as the layer would, then run the chain."""
-    chain: ExpandChain = self.parametrizations.weight[0]
-    if chain.linear:
-        return chain.run(x, 0)
-    if self._kflo_padding == "tf-same":  # a class attribute of the feature class (see feature_class)
-        from timm.layers.padding import pad_same
-
-        return chain.run(pad_same(x, self.kernel_size, self.stride, self.dilation), 0)
-    if self.padding_mode == "zeros" and not isinstance(self.padding, str):
-        return chain.run(x, self.padding)
-    pads = self._reversed_padding_repeated_twice
-    if any(pads):
-        x = torch.nn.functional.pad(x, pads, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
-    return chain.run(x, 0)
-
-
-_FEATURE_CLASSES: dict[type, type] = {}
-
-
-def feature_class(cls: type) -> type:
-    """``cls`` with :func:`feature_forward` as its forward (one class per original class)."""
-    if cls not in _FEATURE_CLASSES:
-        _FEATURE_CLASSES[cls] = type(f"ExpandNetFeature{cls.__name__}", (cls,),
-                                     {"forward": feature_forward, "_kflo_padding": padding_kind(cls)})
-    return _FEATURE_CLASSES[cls]
 
 
 def is_stem(module: nn.Module, model: nn.Module) -> bool:
@@ -119,6 +98,7 @@ class ExpandNetRecipe(WeightRecipe):
     its initialisation. Collapse is :class:`WeightRecipe`'s."""
 
     layer_types: ClassVar[tuple[type[nn.Module], ...]] = CONV_TYPES
+    size_params = ("rate",)
 
     def validate(self) -> None:
         v = self.values
@@ -157,18 +137,32 @@ class ExpandNetRecipe(WeightRecipe):
                        "transform the weight); use mode=kernel")
         return problem
 
+    def factor_count(self, layer: LayerContext) -> int:
+        """Every link's ``weight`` (``w_{i+1} x w_i/groups x kernel``) and, when the layer has a bias, its bias."""
+        module = layer.module
+        widths, kernels, _ = self.links(module, layer.model)
+        groups = getattr(module, "groups", 1)
+        bias = module.bias is not None
+        return sum(widths[i + 1] * (widths[i] // groups) * math.prod(kernel) + (widths[i + 1] if bias else 0)
+                   for i, kernel in enumerate(kernels))
+
     def make_parametrization(self, layer: LayerContext) -> nn.Module:
         module = layer.module
         widths, kernels, strides = self.links(module, layer.model)
         act = None if self.values["nonlinear"] == "none" else self.values["nonlinear"]
-        return ExpandChain(widths, kernels, strides, getattr(module, "groups", 1), module.bias is not None,
-                           tuple(getattr(module, "dilation", ())), act)
+        chain = ExpandChain(widths, kernels, strides, getattr(module, "groups", 1), module.bias is not None,
+                            tuple(getattr(module, "dilation", ())), act)
+        chain.decay_composed = self.values["decay"] == "composed"
+        return chain
 
     def make_bias_parametrization(self, layer: LayerContext, weight_parametrization: nn.Module) -> nn.Module | None:
         return ComposedBias(weight_parametrization)
 
     def forward_class(self, layer: LayerContext) -> type | None:
-        return feature_class(type(layer.module)) if self.values["mode"] == "feature" else None
+        mode = self.values["mode"]
+        if mode == "kernel" or padding_kind(layer.module) is None:
+            return None  # the layer's own forward on the composed kernel
+        return form_class(type(layer.module), mode)
 
     def initialize(self, layer: LayerContext, parametrization: nn.Module) -> str | None:
         """``init=preserve`` (``auto`` for the linear chain): the layer's own weight and bias, where the widths allow
@@ -255,10 +249,6 @@ class ExpandNetCK(ExpandNetRecipe):
         return widths, kernels, strides
 
 
-def _check_layers(v: int) -> str | None:
-    return None if v >= 2 else "the number of linear layers L must be an integer >= 2"
-
-
 @register_recipe
 class ExpandNetFC(ExpandNetRecipe):
     """ExpandNet-FC: a Linear layer ``m -> n`` -> ``L`` Linear layers ``m -> r*m -> r*n ... -> n``."""
@@ -267,12 +257,14 @@ class ExpandNetFC(ExpandNetRecipe):
     description = "ExpandNet-FC (Guo et al.): every Linear -> L linear layers m -> r*m -> r*n ... -> n"
     params = {
         **_common_params(),
-        "layers": Param(int, 3, "L, the number of linear layers each Linear becomes: an integer >= 2", _check_layers),
+        "layers": Param(int, 3, f"L, the number of linear layers each Linear becomes: an integer from 2 to {MAX_LAYERS}",
+                        low=2, high=MAX_LAYERS),
         "classifier": Param(str, "auto", "the model's classifier (logit layer): keep it plain (the official code), "
                             "expand it, or auto: keep it unless it is the model's only Linear layer",
                             choices=("auto", "keep", "expand")),
     }
     layer_types = (nn.Linear,)
+    size_params = ("rate", "layers")
 
     def shape_problem(self, module: nn.Module, model: nn.Module) -> str | None:
         choice = self.values["classifier"]
@@ -294,7 +286,8 @@ __all__ = [
     "ExpandNetCL",
     "ExpandNetFC",
     "ExpandNetRecipe",
-    "feature_class",
+    "MAX_LAYERS",
+    "MAX_RATE",
     "is_stem",
     "logit_layer",
 ]

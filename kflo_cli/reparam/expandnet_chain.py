@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -172,6 +172,52 @@ class ExpandChain(nn.Module):
 
     def roles(self) -> dict[str, ParamRole]:
         return {name: ParamRole("expandnet-factor") for name, _ in self.named_parameters()}
+
+    # -- the execution forms (kflo_cli.reparam.execution.Factored) --------------------------------------------
+
+    #: set by the recipe: the run's decay goes on the composed kernel, so training composes it every step
+    decay_composed = False
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The composed kernel's shape: ``(n, m / groups, *composed kernel)``."""
+        kernel = tuple(sum(k[d] - 1 for k in self.kernels) + 1 for d in range(len(self.kernels[0])))
+        return (self.widths[-1], self.widths[0] // self.groups, *kernel)
+
+    def run_features(self, module: nn.Module, x: torch.Tensor, padding: Any) -> torch.Tensor:
+        return self.run(x, padding)
+
+    def feature_macs(self, module: nn.Module, x_shape: tuple[int, ...]) -> float:
+        """Each link's MACs at the resolution it runs at (padding on the first link, each link's own stride)."""
+        from .execution import conv_output_size, samples
+
+        total = 0.0
+        spatial = list(x_shape[len(x_shape) - len(self.kernels[0]):]) if not self.linear else []
+        if not self.linear and len(x_shape) == len(self.kernels[0]) + 2:
+            padding = getattr(module, "padding", 0)
+            if isinstance(padding, str):  # "same"/"valid": the input is padded before the chain, see padded_input
+                padding = (0,) * len(spatial)
+                if module.padding == "same":
+                    spatial = [s + d * (k - 1) for s, d, k in zip(spatial, self.dilation, self.weight_shape[2:])]
+            for i, link in enumerate(self.factors):
+                pad = padding if i == 0 else (0,) * len(spatial)
+                spatial = [conv_output_size(s, k, st, p, d) for s, k, st, p, d
+                           in zip(spatial, self.kernels[i], self.strides[i], pad, self.dilation)]
+                total += math.prod(spatial) * link.weight.numel()
+            return samples(module, x_shape) * total
+        return samples(module, x_shape) * float(sum(link.weight.numel() for link in self.factors))
+
+    def composition_macs(self) -> float:
+        """Composing link by link: each step convolves the kernel so far with the next link's kernel."""
+        total, size = 0.0, list(self.kernels[0])
+        for i, link in enumerate(self.factors[1:], start=1):
+            inner = self.widths[i] // self.groups
+            size = [a + b - 1 for a, b in zip(size, self.kernels[i])]
+            total += self.widths[i + 1] * inner * math.prod(self.kernels[i]) * (self.widths[0] // self.groups) * math.prod(size)
+        return total
+
+    def composition_paid(self) -> bool:
+        return self.decay_composed
 
     @torch.no_grad()
     def reset_random(self) -> None:

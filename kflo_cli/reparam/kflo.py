@@ -2,19 +2,23 @@
 
 The effective kernel of a filtering layer, flattened to ``(out, in/groups * prod(kernel))``, is the product
 ``W_B ... W_2 W_1`` of a filtered kernel ``W_1`` (``R x F`` with ``R = round(rho * out)``) and a linear
-cascade of pointwise maps (``R x R`` ... ``out x R``). The layer's own forward runs on the composed kernel.
+cascade of pointwise maps (``R x R`` ... ``out x R``). The layer runs either on the composed kernel or through the
+factors (``mode``; :mod:`kflo_cli.reparam.execution`), the same function.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import KfloError
-from .base import LayerContext, Param, ParamRole, WeightRecipe
-from .layers import round_half_up
+from .base import LayerContext, Param, ParamRole, Shorthand, WeightRecipe
+from .execution import MODES, form_class, layer_padding, output_positions, samples
+from .layers import padding_kind, round_half_up
 from .registry import register_recipe
 
 #: Weight decay the paper puts on the cascade W_2..W_B.
@@ -39,6 +43,8 @@ class KfloParametrization(nn.Module):
         shapes = [(rows, rows)] * (depth - 2) + [(out, rows)]
         self.cascade = nn.ParameterList([nn.Parameter(torch.empty(s)) for s in shapes])
         self.exact_start = True
+        #: the paper's rule: the run's decay on the composed kernel (set False by ``decay=factors``)
+        self.decay_composed = True
 
     def composed_matrix(self) -> torch.Tensor:
         """The product ``W_B ... W_1`` as an ``out x F`` matrix (multiplied in the cheapest order)."""
@@ -87,18 +93,67 @@ class KfloParametrization(nn.Module):
 
     def roles(self) -> dict[str, ParamRole]:
         # The paper: the vanilla decay on the composed kernel W' (none on W_1 itself), 1e-9 on the cascade.
-        roles = {"w1": ParamRole("kflo-w1", "default", decay_target="composed")}
+        # decay=factors: the vanilla decay on W_1 itself (no composition needed for it), the cascade as before.
+        target = "composed" if self.decay_composed else "parameter"
+        roles = {"w1": ParamRole("kflo-w1", "default", decay_target=target)}
         for i in range(len(self.cascade)):
             roles[f"cascade.{i}"] = ParamRole("kflo-cascade", CASCADE_DECAY)
         return roles
 
+    # -- the execution forms (kflo_cli.reparam.execution.Factored) --------------------------------------------
 
-def _check_depth(v: int) -> str | None:
-    return None if v >= 2 else "the linear depth multiplier B must be an integer >= 2"
+    def feature_supported(self, module: nn.Module) -> bool:
+        """The feature form runs W_1 as a convolution with R output channels: not for grouped convolutions (each
+        row of W' reads one group, a row of W_1 would read them all) nor layers whose forward is their own."""
+        return getattr(module, "groups", 1) == 1 and layer_padding(module) is not None
+
+    def run_features(self, module: nn.Module, x: torch.Tensor, padding: object) -> torch.Tensor:
+        """W_1 as a layer with R outputs, then each cascade matrix as a pointwise map; the layer's bias last."""
+        bias = module.bias
+        last = len(self.cascade) - 1
+        if isinstance(module, nn.Linear):
+            y = F.linear(x, self.w1)
+            for i, m in enumerate(self.cascade):
+                y = F.linear(y, m, bias if i == last else None)
+            return y
+        dims = len(self.weight_shape) - 2
+        conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        y = conv(x, self.w1.view(self.w1.shape[0], *self.weight_shape[1:]), None, module.stride, padding,
+                 module.dilation)
+        ones = (1,) * dims
+        for i, m in enumerate(self.cascade):
+            y = conv(y, m.view(*m.shape, *ones), bias if i == last else None)
+        return y
+
+    def feature_macs(self, module: nn.Module, x_shape: tuple[int, ...]) -> float:
+        if not self.feature_supported(module):
+            return math.inf
+        per_position = self.w1.numel() + sum(m.numel() for m in self.cascade)
+        return float(samples(module, x_shape) * output_positions(module, x_shape) * per_position)
+
+    def composition_macs(self) -> float:
+        """The cascade's product (``(B-2) out R^2``), then times W_1 (``out R F``)."""
+        out, rows = self.cascade[-1].shape
+        return float((len(self.cascade) - 1) * out * rows * rows + out * rows * self.w1.shape[1])
+
+    def composition_paid(self) -> bool:
+        return self.decay_composed
 
 
-def _check_width(v: float) -> str | None:
-    return None if math.isfinite(v) and v > 0 else "the width multiplier rho must be a number > 0"
+#: Bounds of B and rho (docs/recipes.md, "Parameter bounds"): the paper uses B = 2, 3 and rho = 1 to 4 (rho = the
+#: number of networks for transfer learning). At either ceiling, with the other parameter at its default, the
+#: factors of a 512 x 512 x 3 x 3 convolution stay below 2^31 elements.
+MAX_DEPTH = 16
+MAX_WIDTH = 64.0
+
+_SHORTHAND = re.compile(r"\s*(\d+)\s*[xX]\s*((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
+
+
+def parse_shorthand(text: str) -> dict[str, str] | None:
+    """The papers' "KFLO BxRHO": ``2x4`` is ``depth=2,width=4`` (B, the linear depth multiplier, comes first);
+    ``None`` when ``text`` is not of that form."""
+    match = _SHORTHAND.fullmatch(text)
+    return None if match is None else {"depth": match.group(1), "width": match.group(2)}
 
 
 @register_recipe
@@ -108,14 +163,38 @@ class Kflo(WeightRecipe):
     name = "kflo"
     description = "Kernel Filtering Linear Over-parameterization: W' = W_B...W_2 W_1 (Henig & Giryes)"
     params = {
-        "depth": Param(int, 2, "B, the linear depth multiplier: an integer >= 2", _check_depth),
-        "width": Param(float, 4.0, "rho, the width multiplier: a number > 0", _check_width),
+        "depth": Param(int, 2, f"B, the linear depth multiplier: an integer from 2 to {MAX_DEPTH}", low=2, high=MAX_DEPTH),
+        "width": Param(float, 4.0, f"rho, the width multiplier: a number > 0 and at most {MAX_WIDTH:g}", low=0.0,
+                       high=MAX_WIDTH, low_open=True),
+        "mode": Param(str, "auto", "how the layer runs: kernel (compose W' and run the layer on it), feature (W_1 as a "
+                      "layer with R outputs, then the cascade as pointwise maps: the paper's form) or auto (the "
+                      "cheaper of the two for the input shape each layer sees; docs/performance.md)", choices=MODES),
+        "decay": Param(str, "composed", "where the run's weight decay goes: composed (on W', the paper's rule; "
+                       "training then composes W' every step) or factors (on W_1; the cascade keeps 1e-9)",
+                       choices=("composed", "factors")),
     }
+    shorthand = Shorthand("BxRHO", "depth=B,width=RHO", "2x4", parse_shorthand)
+    size_params = ("depth", "width")
 
     stacks_weights = True
 
     def make_parametrization(self, layer: LayerContext) -> nn.Module:
-        return KfloParametrization(layer.module.weight.shape, self.values["depth"], self.values["width"])
+        param = KfloParametrization(layer.module.weight.shape, self.values["depth"], self.values["width"])
+        param.decay_composed = self.values["decay"] == "composed"
+        return param
+
+    def forward_class(self, layer: LayerContext) -> type | None:
+        mode = self.values["mode"]
+        if mode == "kernel" or getattr(layer.module, "groups", 1) != 1 or padding_kind(layer.module) is None:
+            return None  # the layer's own forward on the composed kernel (the only form for these layers)
+        return form_class(type(layer.module), mode)
+
+    def factor_count(self, layer: LayerContext) -> int:
+        """``R*F + (B-2)*R^2 + out*R``, the elements of W_1, the middle matrices and W_B."""
+        shape = layer.module.weight.shape
+        out, fan = shape[0], math.prod(shape[1:])
+        rows = kflo_width(out, self.values["width"])
+        return rows * fan + (self.values["depth"] - 2) * rows * rows + out * rows
 
     def initialize(self, layer: LayerContext, parametrization: nn.Module) -> str | None:
         super().initialize(layer, parametrization)
@@ -145,4 +224,4 @@ class Kflo(WeightRecipe):
             param.w1[out * i : out * (i + 1)].copy_(weight.reshape(out, -1).to(param.w1.dtype))
 
 
-__all__ = ["CASCADE_DECAY", "Kflo", "KfloParametrization", "kflo_width"]
+__all__ = ["CASCADE_DECAY", "MAX_DEPTH", "MAX_WIDTH", "Kflo", "KfloParametrization", "kflo_width", "parse_shorthand"]

@@ -7,8 +7,6 @@ small ones barely (the "rich get richer" dynamic that makes the network prunable
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
@@ -50,8 +48,9 @@ class PowerpropParametrization(nn.Module):
         return {"v": ParamRole("powerprop-v", "default", decay_target="composed")}
 
 
-def _check_alpha(v: float) -> str | None:
-    return None if math.isfinite(v) and v >= 1.0 else "alpha must be a number >= 1 (alpha = 1 is the plain weight)"
+#: The ceiling of alpha (docs/recipes.md, "Parameter bounds"): alpha is a small exponent (default 2); at 16,
+#: |v|^alpha already spans float32's whole range for |v| between about 0.004 and 250.
+MAX_ALPHA = 16.0
 
 
 @register_recipe
@@ -60,10 +59,14 @@ class Powerprop(WeightRecipe):
 
     name = "powerprop"
     description = "Powerpropagation: w = v*|v|^(alpha-1) (Schwarz et al.); a baseline of the weight compander paper"
-    params = {"alpha": Param(float, 2.0, "the exponent alpha >= 1", _check_alpha)}
+    params = {"alpha": Param(float, 2.0, f"the exponent alpha: a number from 1 to {MAX_ALPHA:g} (alpha = 1 is the "
+                             "plain weight)", low=1.0, high=MAX_ALPHA)}
+
+    def factor_count(self, layer: LayerContext) -> int:
+        return layer.module.weight.numel()
 
     def make_parametrization(self, layer: LayerContext) -> nn.Module:
         return PowerpropParametrization(layer.module.weight.shape, self.values["alpha"])
 
 
-__all__ = ["Powerprop", "PowerpropParametrization"]
+__all__ = ["MAX_ALPHA", "Powerprop", "PowerpropParametrization"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import KfloError
-from .base import LayerContext, Param, Recipe, WeightRecipe
+from .base import LayerContext, Param, Recipe, Shorthand, WeightRecipe
 from .layers import weight_space_problem
 
 _REGISTRY: dict[str, type[Recipe]] = {}
@@ -98,6 +98,7 @@ class RecipeSpec:
         check: optional ``check(name, module, **values) -> str | None``, for a layer the recipe applies to: an
             error sentence naming the fix when the layer's values make the expansion unusable (not called when a
             checkpoint is only being rebuilt).
+        shorthand: optional :class:`Shorthand`, a short form of the recipe's values in specs (``NAME:2x4``).
 
     Entry points may also resolve to any mapping or object with these fields (see :func:`as_spec`).
 
@@ -113,14 +114,16 @@ class RecipeSpec:
     factory: Callable[..., Any]
     skip: Callable[..., str | None] | None = None
     check: Callable[..., str | None] | None = None
+    shorthand: Shorthand | None = None
 
 
-_SPEC_FIELDS = ("name", "description", "params", "factory", "skip", "check")
+_SPEC_FIELDS = ("name", "description", "params", "factory", "skip", "check", "shorthand")
 
 
 def as_spec(obj: Any) -> RecipeSpec | None:
     """``obj`` as a :class:`RecipeSpec`: a RecipeSpec itself, or any mapping or object with a ``name`` and a
-    ``factory`` (and optionally ``description``, ``params``, ``skip``, ``check``); ``None`` for anything else."""
+    ``factory`` (and optionally ``description``, ``params``, ``skip``, ``check``, ``shorthand``); ``None`` for
+    anything else."""
     if isinstance(obj, RecipeSpec):
         return obj
     if isinstance(obj, type):
@@ -160,6 +163,8 @@ def recipe_from_spec(spec: RecipeSpec) -> type[Recipe]:
     params = {k: _as_param(k, v) for k, v in spec.params.items()}
     if not callable(spec.factory) or any(f is not None and not callable(f) for f in (spec.skip, spec.check)):
         raise TypeError(f"RecipeSpec '{spec.name}': factory (and skip and check, if given) must be callable")
+    if spec.shorthand is not None and not isinstance(spec.shorthand, Shorthand):
+        raise TypeError(f"RecipeSpec '{spec.name}': shorthand must be a kflo_cli.reparam.Shorthand")
 
     def make_parametrization(self: WeightRecipe, layer: LayerContext) -> Any:
         return spec.factory(layer.module, **self.values)
@@ -171,7 +176,10 @@ def recipe_from_spec(spec: RecipeSpec) -> type[Recipe]:
         return problem
 
     def check(self: WeightRecipe, layer: LayerContext) -> str | None:
-        return spec.check(layer.name, layer.module, **self.values) if spec.check is not None else None
+        problem = WeightRecipe.check(self, layer)
+        if problem is None and spec.check is not None:
+            problem = spec.check(layer.name, layer.module, **self.values)
+        return problem
 
     attrs = {
         "name": spec.name,
@@ -180,6 +188,7 @@ def recipe_from_spec(spec: RecipeSpec) -> type[Recipe]:
         "make_parametrization": make_parametrization,
         "skip_reason": skip_reason,
         "check": check,
+        "shorthand": spec.shorthand,
         "__doc__": spec.description,
         "__module__": getattr(spec.factory, "__module__", __name__),
     }
@@ -210,10 +219,16 @@ def get_recipe(name: str) -> type[Recipe]:
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """Split ``NAME`` or ``NAME:key=value,key=value`` into the name and a dict of raw values.
+    """Split ``NAME``, ``NAME:key=value,key=value`` or ``NAME:SHORTHAND[,key=value...]`` into the name and a dict
+    of raw values.
+
+    A first item without ``=`` is the recipe's shorthand, if it declares one (:attr:`Recipe.shorthand`, e.g.
+    KFLO's ``BxRHO``); the recipe's own parser turns it into values.
 
     >>> parse_spec("kflo:depth=3,width=2")
     ('kflo', {'depth': '3', 'width': '2'})
+    >>> parse_spec("kflo:2x4")
+    ('kflo', {'depth': '2', 'width': '4'})
     """
     name, _, rest = spec.strip().partition(":")
     name = name.strip()
@@ -221,14 +236,36 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         raise KfloError(f"recipe spec '{spec}' has no name; write NAME or NAME:key=value,key=value")
     values: dict[str, str] = {}
     if rest.strip():
-        for item in rest.split(","):
+        for position, item in enumerate(rest.split(",")):
             key, eq, value = item.partition("=")
+            if not eq and position == 0 and item.strip():
+                values.update(_shorthand_values(spec, name, item.strip()))
+                continue
             if not eq or not key.strip():
                 raise KfloError(f"recipe spec '{spec}': '{item}' is not key=value; write NAME:key=value,key=value")
             if key.strip() in values:
                 raise KfloError(f"recipe spec '{spec}' sets '{key.strip()}' twice; give each parameter once")
             values[key.strip()] = value.strip()
     return name, values
+
+
+def _shorthand_values(spec: str, name: str, item: str) -> dict[str, str]:
+    """The values a recipe's shorthand stands for (the first item of a spec that has no ``=``)."""
+    short = get_recipe(name).shorthand
+    if short is None:
+        raise KfloError(f"recipe spec '{spec}': '{item}' is not key=value and recipe '{name}' has no shorthand; "
+                        "write NAME:key=value,key=value")
+    try:
+        values = short.parse(item)
+    except Exception as exc:  # noqa: BLE001  (a plugin's parser may fail; say so in one sentence)
+        raise KfloError(f"recipe spec '{spec}': the shorthand parser of '{name}' failed on '{item}' "
+                        f"({type(exc).__name__}: {exc})") from None
+    if values is None:
+        raise KfloError(f"recipe spec '{spec}': '{item}' is not key=value nor {short.describe(name)}")
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise KfloError(f"recipe spec '{spec}': the shorthand parser of '{name}' returned {values!r}, not a dict of "
+                        "parameter values")
+    return {k: v if isinstance(v, str) else str(v) for k, v in values.items()}
 
 
 def create_recipe(spec: str | dict[str, Any] | Recipe) -> Recipe:

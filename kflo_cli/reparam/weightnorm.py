@@ -63,6 +63,10 @@ class WeightNorm(WeightRecipe):
     description = "Weight normalization: w = g * v / ||v|| per output channel (Salimans & Kingma); a compander-paper baseline"
     params = {}
 
+    def factor_count(self, layer: LayerContext) -> int:
+        weight = layer.module.weight
+        return weight.numel() + weight.shape[0]
+
     def make_parametrization(self, layer: LayerContext) -> nn.Module:
         return WeightNormParametrization(layer.module.weight.shape)
 

@@ -44,12 +44,23 @@ def plot(grid: Grid, result_tables: list[dict[str, Any]], path: Path) -> bool:
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{table['model']} · {table['data']}", fontsize=10)
         ax.set_ylabel("deployed test accuracy (%)")
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        values = [v for m in table["methods"] for v in m["values"].values()]
+        values += [m["summary"]["mean"] + sign * (m["summary"]["std"] or 0.0) for m in table["methods"]
+                   if m["values"] and m["summary"]["mean"] is not None for sign in (-1, 1)]
+        if values:  # one seed, or equal accuracies: a few points around them, not matplotlib's +-4 % of the value
+            lo, hi = min(values), max(values)
+            pad = max(1.0, 0.1 * (hi - lo))
+            ax.set_ylim(max(0.0, lo - pad), min(100.5, hi + pad))
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{grid.name}\npoints: seeds · black: mean ± std · dashed: {grid.baseline}'s mean", fontsize=9)
+    fig.suptitle(f"{grid.name}: methods (recipes) per model · data\npoints: seeds · black: mean ± std · dashed: "
+                 f"{grid.baseline}'s mean", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return True
 
 

@@ -26,6 +26,9 @@ COLLAPSE_FROM = ("last", "best", "ema")
 DEVICES = ("auto", "cpu", "cuda")
 
 CONFIG_FILE = "config.json"
+#: What config.json records about the run beside its settings: its id and the fingerprint of what it trains
+#: (:func:`kflo_cli.train.run_dir.check_identity` checks them against the state file on ``--resume``).
+IDENTITY_KEYS = ("run_id", "fingerprint")
 
 #: The ``--help`` panels of ``kflo train``.
 MODEL, DATA, OPTIMISATION, DISTILLATION, RUN = "Model", "Data", "Optimisation", "Distillation", "Run"
@@ -44,7 +47,9 @@ def option(default: Any = _NO_DEFAULT, *, help: str, panel: str, factory: Any = 
         flags: further names of the option (``-r``); the first is always ``--field-name``.
         comma_list: a list option given as one comma-separated value (``--milestones 60,120``) of this type;
             otherwise a list option is repeated (``--recipe a --recipe b``).
-        in_recipe_file: whether a recipe file's ``[train]`` table may set it (it describes how to train, not what).
+        in_recipe_file: whether a recipe file's ``[train]`` table may set it (it describes how to train, not what;
+            and a recipe file is untrusted input, so nothing that reads files or reaches the network: ``pretrained``,
+            ``data_dir``, ``download``, ``teacher``, ``teacher_checkpoint``).
         argument: the command's positional argument rather than an option.
     """
     meta = {"help": help, "panel": panel, "flags": flags, "comma_list": comma_list, "in_recipe_file": in_recipe_file,
@@ -75,12 +80,12 @@ class TrainConfig:
         "Plain checkpoint of the architecture to start from; repeat with KFLO to stack further pretrained networks into W_1."))
     init_from_expanded: str | None = option(None, in_recipe_file=False, panel=MODEL, help=(
         "ExpandNet +Init: an expanded checkpoint (the trained nonlinear counterpart) whose tensors start this expansion."))
-    pretrained: bool = option(False, panel=MODEL, help="Start from the library's pretrained weights.")
+    pretrained: bool = option(False, in_recipe_file=False, panel=MODEL, help="Start from the library's pretrained weights.")
     # -- data ------------------------------------------------------------------------------------------------
     data: str = option("digits", panel=DATA, help=(
         "digits (bundled), fashion-mnist, mnist, cifar10, cifar100, imagefolder, synthetic."))
-    data_dir: str | None = option(None, panel=DATA, help="Where the data set's files are.")
-    download: bool = option(False, panel=DATA, help="Let torchvision download the data set.")
+    data_dir: str | None = option(None, in_recipe_file=False, panel=DATA, help="Where the data set's files are.")
+    download: bool = option(False, in_recipe_file=False, panel=DATA, help="Let torchvision download the data set.")
     val_split: float = option(0.0, panel=DATA, help="Fraction of the training set held out for validation (selects best).")
     train_fraction: float = option(1.0, panel=DATA, help="Keep this fraction of each class (KFLO's 40% transfer setting).")
     label_noise: float = option(0.0, panel=DATA, help="Replace this fraction of training labels at random (ExpandNets' study).")
@@ -112,8 +117,8 @@ class TrainConfig:
     threads: int | None = option(None, panel=OPTIMISATION, help="CPU threads (torch.set_num_threads); part of the run because float sums depend on it.")
     ema: float | None = option(None, panel=OPTIMISATION, help="Keep an exponential moving average with this decay, e.g. 0.999.")
     # -- distillation ----------------------------------------------------------------------------------------
-    teacher: str | None = option(None, panel=DISTILLATION, help="Teacher architecture (for a plain weights file).")
-    teacher_checkpoint: str | None = option(None, panel=DISTILLATION, help="The trained teacher's checkpoint.")
+    teacher: str | None = option(None, in_recipe_file=False, panel=DISTILLATION, help="Teacher architecture (for a plain weights file).")
+    teacher_checkpoint: str | None = option(None, in_recipe_file=False, panel=DISTILLATION, help="The trained teacher's checkpoint.")
     kd_alpha: float = option(0.5, panel=DISTILLATION, help="Weight of the distillation term.")
     kd_temperature: float = option(4.0, panel=DISTILLATION, help="Softmax temperature.")
     # -- end of run ------------------------------------------------------------------------------------------
@@ -130,7 +135,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`KfloError` naming the first invalid setting and what is allowed."""
+        from ..models import MAX_IMG_SIZE, MAX_IN_CHANS  # the bounds a checkpoint's model arguments must meet
+
         checks: list[tuple[bool, str]] = [
+            (self.in_chans is None or 1 <= self.in_chans <= MAX_IN_CHANS, f"--in-chans {self.in_chans} must be from 1 to {MAX_IN_CHANS}"),
+            (self.img_size is None or 1 <= self.img_size <= MAX_IMG_SIZE, f"--img-size {self.img_size} must be from 1 to {MAX_IMG_SIZE}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer '{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"--schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}"),
             (self.collapse_from in COLLAPSE_FROM, f"--collapse-from '{self.collapse_from}' is not one of {', '.join(COLLAPSE_FROM)}"),
@@ -304,8 +313,9 @@ def _upgrade(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], where: str) -> TrainConfig:
-    """Rebuild a configuration saved with :meth:`TrainConfig.to_dict` (unknown keys are an error)."""
-    data = _upgrade(data, where)
+    """Rebuild a configuration saved with :meth:`TrainConfig.to_dict` (unknown keys are an error; the run's
+    identity, :data:`IDENTITY_KEYS`, is not a setting and is left out)."""
+    data = _upgrade({k: v for k, v in data.items() if k not in IDENTITY_KEYS}, where)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise KfloError(f"{where} has unknown settings {', '.join(unknown)}; it was written by a newer kflo, upgrade kflo")
@@ -344,6 +354,7 @@ __all__ = [
     "ADAPTIVE_OPTIMIZERS",
     "COLLAPSE_FROM",
     "CONFIG_FILE",
+    "IDENTITY_KEYS",
     "OPTIMIZERS",
     "OPTIONS",
     "SCHEDULES",

@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from rich.markup import escape
 
+from .._atomic import remove_stale_temps
+from ..checkpoint import model_metadata
+from ..errors import KfloError
 from . import report, run_dir as files
-from .config import TrainConfig, check_resume_overrides, load_config
+from .config import CONFIG_FILE, TrainConfig, check_resume_overrides, load_config
 from .distributed import DistContext, setup
 from .finish import finish
 from .loader import stream_seed
@@ -178,7 +182,7 @@ def start(
     _set_threads(config)
     stop = StopFlag()
     dist = setup(config.device)
-    with stop.installed(), _closing(dist):
+    with stop.installed(), _closing(dist), files.locked(run_dir, dist, create=True):
         files.check_run_dir(run_dir, overwrite)
         dist.barrier()
         seed_everything(config.seed)
@@ -186,13 +190,15 @@ def start(
         out = _console(dist, console)
         if prepared.note and dist.is_main:
             out.print(f"[yellow]note[/]: {prepared.note}")
-        run = make_run(config, run_dir, dist, prepared, console=out, stop=stop, progress=progress)
+        run_id = dist.gather_objects(files.new_run_id())[0]  # rank 0's
+        run = make_run(config, run_dir, dist, prepared, console=out, stop=stop, progress=progress, run_id=run_id)
         _announce_recipe_file_settings(run)
         parts = build_parts(run, prepared.model)
         # The loop's own random stream (dropout), distinct per rank; data randomness is seeded per sample.
         seed_everything(stream_seed(config.seed, 0xD0, dist.rank))
         if dist.is_main:
-            files.create_run_dir(run_dir, config, overwrite)
+            files.create_run_dir(run_dir, config, overwrite, run_id=run_id,
+                                 fingerprint=files.fingerprint(model_metadata(parts.model)))
         dist.barrier()
         counters = Counters()
         files.save(run, parts, counters, end_of_epoch=False)
@@ -220,17 +226,24 @@ def resume(
     _set_threads(config)
     stop = StopFlag()
     dist = setup(config.device)
-    with stop.installed(), _closing(dist):
+    with stop.installed(), _closing(dist), files.locked(run_dir, dist, create=False):
+        if load_config(run_dir) != config:  # another process finished a run here since it was read: start again
+            raise KfloError(f"{run_dir / CONFIG_FILE} changed while this run was starting; run the command again")
+        out = _console(dist, console)
         state = load_state(run_dir)
         saved = state["info"]
+        run_id = files.check_identity(run_dir, config, saved,
+                                      lambda text: out.print(f"[yellow]note[/]: {escape(text)}", highlight=False))
+        if dist.is_main:
+            for name in files.RUN_FILES:  # what killed writes left (the lock says no one else writes here)
+                remove_stale_temps(run_dir / name)
         seed_everything(config.seed)
         in_chans, img_size = saved["data_args"]
         if data is None:
             data = load_data(config, in_chans=in_chans, img_size=img_size)
         model = rebuild(saved["model_meta"])  # placeholder tensors: the state's replace them in restore()
         prepared = Prepared(model, data, tuple(saved["input_size"]), saved["vanilla"], data_args=(in_chans, img_size))
-        out = _console(dist, console)
-        run = make_run(config, run_dir, dist, prepared, console=out, stop=stop, progress=progress)
+        run = make_run(config, run_dir, dist, prepared, console=out, stop=stop, progress=progress, run_id=run_id)
         _announce_recipe_file_settings(run)
         parts = build_parts(run, model)
         counters = files.restore(run, parts, state)

@@ -57,6 +57,9 @@ def _weights_to_collapse(run: Run, parts: Parts) -> nn.Module:
     if source == "ema":
         return parts.ema.module
     if source == "best":  # rank 0 wrote best.safetensors before the barrier that ends every save
+        from .run_dir import check_checkpoint
+
+        check_checkpoint(run, run.run_dir / "best.safetensors")
         return checkpoint.load(run.run_dir / "best.safetensors").to(run.dist.device)
     return parts.model
 
@@ -71,7 +74,8 @@ def collapse_and_verify(run: Run, parts: Parts) -> CollapseResult:
     trained = _weights_to_collapse(run, parts)
     path = run.run_dir / "collapsed.safetensors"
     if dist.is_main:  # checks the original architecture's keys and shapes, writes atomically
-        plain = collapse_to_file(trained, path, extra={"data": config.data, "collapsed_from": config.collapse_from})
+        plain = collapse_to_file(trained, path, extra={"data": config.data, "collapsed_from": config.collapse_from,
+                                                           **({"run_id": run.run_id} if run.run_id else {})})
     else:  # the other ranks only help evaluate it
         plain = collapse(trained)
     plain = plain.to(dist.device)

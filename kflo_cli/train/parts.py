@@ -36,6 +36,8 @@ class Run:
     vanilla: bool
     data_args: tuple[int | None, int | None]  # the (in_chans, img_size) the data was built with
     steps_per_epoch: int
+    #: the run's id (config.json, the state and the checkpoints carry it); None for a run of a kflo without ids
+    run_id: str | None = None
 
     @property
     def num_train(self) -> int:
@@ -43,12 +45,12 @@ class Run:
 
 
 def make_run(config: TrainConfig, run_dir: Path, dist: DistContext, prepared: Prepared, *, console: Any, stop: Any,
-             progress: bool) -> Run:
+             progress: bool, run_id: str | None = None) -> Run:
     """The :class:`Run` of ``prepared``; refuses a batch the training set or the processes cannot take."""
     steps = steps_per_epoch(len(prepared.data.train), config.batch_size)
     per_rank_batch(config.batch_size, dist.world_size)  # refuse a bad split before anything is written
     return Run(config, Path(run_dir), dist, console, stop, progress and dist.is_main and console.is_terminal,
-               prepared.data, tuple(prepared.input_size), prepared.vanilla, tuple(prepared.data_args), steps)
+               prepared.data, tuple(prepared.input_size), prepared.vanilla, tuple(prepared.data_args), steps, run_id)
 
 
 @dataclass
@@ -81,6 +83,16 @@ def amp(enabled: bool, device: torch.device) -> tuple[Callable[[], ContextManage
     raise KfloError(f"--amp is not supported on device {device.type}; drop --amp")
 
 
+def pretouched(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(layer, tensor name) of the parametrized tensors a training step composes up front, outside autocast.
+
+    Layers with an execution form (:mod:`kflo_cli.reparam.execution`) are left out: they compose their kernel
+    themselves (in float32) only when the form they run in needs it.
+    """
+    return [(m, n) for m in model.modules() if parametrize.is_parametrized(m)
+            and getattr(type(m), "_kflo_mode", None) is None for n in m.parametrizations]
+
+
 def build_parts(run: Run, model: nn.Module) -> Parts:
     """Model on the device, parameter groups per recipe role, optimizer, schedule, AMP, EMA and teacher."""
     config, dist = run.config, run.dist
@@ -102,8 +114,8 @@ def build_parts(run: Run, model: nn.Module) -> Parts:
         scaler=scaler,
         ema=ema,
         teacher=teacher.to(dist.device) if teacher is not None else None,
-        parametrized=[(m, n) for m in model.modules() if parametrize.is_parametrized(m) for n in m.parametrizations],
+        parametrized=pretouched(model),
     )
 
 
-__all__ = ["Parts", "Run", "amp", "build_parts", "make_run"]
+__all__ = ["Parts", "Run", "amp", "build_parts", "make_run", "pretouched"]
