@@ -152,7 +152,7 @@ def test_the_api_refuses_arguments_it_could_not_load_back(tmp_path):
         kflo.create_model("lenet5", pretrained_cfg_overlay={"mean": (0.5,)})
     with pytest.raises(KfloError, match="only num_classes, in_chans, img_size, drop_rate, drop_path_rate for timm"):
         kflo.create_model("timm:test_resnet", features_only=True)
-    with pytest.raises(KfloError, match="only num_classes, dropout for torchvision"):
+    with pytest.raises(KfloError, match="only num_classes, dropout, aux_loss for torchvision"):
         kflo.create_model("torchvision:resnet18", weights_backbone="DEFAULT")
     with pytest.raises(KfloError, match=r"--num-classes \(num_classes\) 0 is out of range; pass an integer from 1 to 1,000,000"):
         kflo.create_model("lenet5", num_classes=0)
