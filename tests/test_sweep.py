@@ -386,3 +386,17 @@ def test_real_sweep_resumes_an_interrupted_cell_and_skips_finished_ones(tmp_path
     assert len(csv_rows) == 4 and all(r["status"] == "done" and float(r["deployed_test_acc"]) > 0 for r in csv_rows)
     md = (out / "results.md").read_text()
     assert "| vanilla | 2/2 |" in md and "| kflo | 2/2 |" in md and "baseline" in md
+
+
+def test_a_run_recorded_before_a_recipe_gained_a_defaulted_parameter_is_not_stale():
+    from kflo_cli.sweep.rows import config_differences
+
+    expected = {"recipe": ["kflo:depth=2,width=4.0,mode=auto,decay=composed"], "lr": 0.02}
+    # written before KFLO had mode/decay, and an ExpandNet run recorded with the old default mode=kernel
+    assert config_differences(expected, {"recipe": ["kflo:depth=2,width=4.0"], "lr": 0.02}) == []
+    assert config_differences({"recipe": ["expandnet-ck:rate=4.0,mode=auto"]},
+                              {"recipe": ["expandnet-ck:rate=4.0,mode=kernel"]}) == []
+    # a real difference stays one: another width, another decay rule, another learning rate
+    assert config_differences(expected, {"recipe": ["kflo:depth=2,width=2.0"], "lr": 0.02})
+    assert config_differences(expected, {"recipe": ["kflo:depth=2,width=4.0,decay=factors"], "lr": 0.02})
+    assert config_differences(expected, {"recipe": ["kflo:depth=2,width=4.0"], "lr": 0.05})

@@ -46,9 +46,32 @@ def expected_config(grid: Grid, cell: Cell) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in fields and k not in ("threads", *SWEEP_PATHS)}
 
 
+def _same_recipe(saved: Any, expected: Any) -> bool:
+    """Whether two recipe spec lists train the same model: compared as recipe values with today's defaults filled
+    in (a parameter added later with a default that keeps the old behaviour changes nothing) and without ``mode``
+    (the execution form: every form computes the same function, docs/performance.md)."""
+    from ..reparam import create_recipe
+
+    def values(specs: Any) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for spec in specs:
+            recipe = create_recipe(spec)
+            out.append((recipe.name, {k: v for k, v in recipe.values.items() if k != "mode"}))
+        return out
+
+    if saved == expected:
+        return True
+    try:
+        return values(saved) == values(expected)
+    except Exception:  # noqa: BLE001  (a spec today's registry refuses: not the same)
+        return False
+
+
 def config_differences(expected: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
-    """``key: saved -> expected`` for every setting both know that differs."""
-    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in expected.items() if k in saved and saved[k] != v]
+    """``key: saved -> expected`` for every setting both know that differs (recipes compared by
+    :func:`_same_recipe`)."""
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in expected.items() if k in saved and saved[k] != v
+            and not (k == "recipe" and isinstance(v, list) and isinstance(saved[k], list) and _same_recipe(saved[k], v))]
 
 
 def deployed_accuracy(summary: Mapping[str, Any], config: Mapping[str, Any], run_dir: Path) -> tuple[float | None, str]:
