@@ -9,6 +9,8 @@ detection models").
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -252,6 +254,31 @@ def _forward_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, size: tuple[int, 
     return out_a, out_b
 
 
+#: Bounds of the verification's options: a tolerance must be able to fail (finite, below 1: a relative error of 1
+#: accepts an output of the wrong sign) and to pass (above 0); the inputs must fit memory and time.
+MAX_RTOL = 0.1
+MAX_VERIFY_BATCH = 4096
+MAX_TRIALS = 1000
+MAX_INPUT_SIDE = 16384
+
+
+def check_options(*, batch_size: int = 4, trials: int = 3, rtol: float | None = None,
+                  input_size: Sequence[int] | None = None, flag: str = "--rtol") -> None:
+    """Refuse verification options that could pass vacuously or never finish, with the bound in the message."""
+    if rtol is not None and not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and 0 < rtol <= MAX_RTOL):
+        raise KfloError(f"{flag} {rtol} cannot be a verification tolerance; use a number > 0 and at most {MAX_RTOL:g} "
+                        "(the defaults are 1e-5 for float32 and 1e-10 for float64)")
+    if not (isinstance(batch_size, int) and 1 <= batch_size <= MAX_VERIFY_BATCH):
+        raise KfloError(f"--batch-size {batch_size} is out of range; use an integer from 1 to {MAX_VERIFY_BATCH}")
+    if not (isinstance(trials, int) and 1 <= trials <= MAX_TRIALS):
+        raise KfloError(f"--trials {trials} is out of range; use an integer from 1 to {MAX_TRIALS}")
+    if input_size is not None and (not 1 <= len(input_size) <= 4
+                                   or any(not 1 <= int(v) <= MAX_INPUT_SIDE for v in input_size)
+                                   or math.prod(int(v) for v in input_size) > 2**28):
+        raise KfloError(f"--input-size {','.join(map(str, input_size))} is out of range; give C,H,W with each value "
+                        f"from 1 to {MAX_INPUT_SIDE} and at most 2^28 values in all")
+
+
 def default_rtol(*models: nn.Module) -> float:
     """The tolerance justified by the least precise of the models' stored dtypes."""
     return max(DEFAULT_RTOL.get(model_dtype(m), 1e-5) for m in models)
@@ -285,6 +312,7 @@ def verify_equivalence(
     >>> kflo.verify_equivalence(m, kflo.collapse(m)).passed
     True
     """
+    check_options(batch_size=batch_size, trials=trials, rtol=rtol, input_size=input_size)
     tol = default_rtol(expanded, plain) if rtol is None else float(rtol)
     size = tuple(input_size) if input_size else default_input_size(plain)
     a, b = copy_model(expanded).eval(), copy_model(plain).eval()

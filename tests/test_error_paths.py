@@ -83,3 +83,21 @@ def test_every_error_is_one_line_exit_2_and_writes_nothing(inputs, capsys, monke
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err + out and fragment in err, err
     assert _files(inputs) == before, _files(inputs) - before
+
+
+@pytest.mark.parametrize("option", [["--rtol", "inf"], ["--rtol", "0"], ["--rtol", "nan"], ["--rtol", "0.5"],
+                                    ["--trials", "100000"], ["--batch-size", "100000"],
+                                    ["--input-size", "1,100000,100000"]])
+def test_verification_refuses_options_that_pass_vacuously_or_never_end(tmp_path, capsys, monkeypatch, option):
+    import kflo_cli as kflo
+
+    expanded = kflo.expand(kflo.create_model("lenet5"), "kflo")
+    kflo.save(expanded, tmp_path / "e.safetensors")
+    kflo.save(kflo.collapse(expanded), tmp_path / "p.safetensors")
+    monkeypatch.setattr(sys, "argv", ["kflo", "verify-equivalence", str(tmp_path / "e.safetensors"),
+                                      str(tmp_path / "p.safetensors"), *option])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (out, err)
+    assert option[0] in err and "PASS" not in out

@@ -167,7 +167,8 @@ class TrainConfig:
             (0 <= self.label_noise <= 1, f"--label-noise {self.label_noise} must be in [0, 1]"),
             (0 <= self.kd_alpha <= 1, f"--kd-alpha {self.kd_alpha} must be in [0, 1]"),
             (self.kd_temperature > 0, f"--kd-temperature {self.kd_temperature} must be > 0"),
-            (self.verify_rtol is None or self.verify_rtol > 0, f"--verify-rtol {self.verify_rtol} must be > 0"),
+            (self.verify_rtol is None or 0 < self.verify_rtol <= 0.1,
+             f"--verify-rtol {self.verify_rtol} cannot be a verification tolerance; use a number > 0 and at most 0.1"),
             (self.collapse_from != "ema" or self.ema is not None, "--collapse-from ema needs --ema DECAY"),
             (not (self.teacher and not self.teacher_checkpoint), "--teacher needs --teacher-checkpoint FILE (the trained teacher's weights)"),
         ]
