@@ -88,8 +88,18 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
     if extra:
         meta["extra"] = extra
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    refuse_non_finite(tensors, path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse to write a file whose floating-point tensors hold NaN or infinity: nobody can use such weights."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+            raise KfloError(f"not writing {path}: tensor '{name}' holds {kind} values (the model diverged, or its "
+                            "source file is damaged); lower the learning rate or re-create the source")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -419,6 +429,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *, model: str 
     if model is None and (num_classes is not None or in_chans is not None):
         raise KfloError("--num-classes and --in-chans describe the architecture of --model; add --model NAME or drop them")
     tensors = read_torch_state_dict(src)
+    refuse_non_finite(tensors, out)
     if model is None:
         with atomic_path(out) as tmp:
             save_file(tensors, str(tmp))

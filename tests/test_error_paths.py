@@ -101,3 +101,35 @@ def test_verification_refuses_options_that_pass_vacuously_or_never_end(tmp_path,
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (out, err)
     assert option[0] in err and "PASS" not in out
+
+
+def test_non_finite_weights_are_never_written(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import kflo_cli as kflo
+    from kflo_cli.errors import KfloError
+
+    model = kflo.expand(kflo.create_model("lenet5"), "kflo")
+    kflo.save(model, tmp_path / "e.safetensors")
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    with pytest.raises(KfloError, match="holds NaN values"):
+        kflo.save(model, tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
+    # a file edited to hold infinity: collapse says so in one line and writes nothing
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "e.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tmp_path / "e.safetensors"))
+    first = next(iter(tensors))
+    tensors[first][..., 0] = float("inf")
+    save_file(tensors, str(tmp_path / "inf.safetensors"), metadata=meta)
+    monkeypatch.setattr(sys, "argv", ["kflo", "collapse", str(tmp_path / "inf.safetensors"), "-o",
+                                      str(tmp_path / "p.safetensors")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and ("infinite" in err or "NaN" in err), err
+    assert not (tmp_path / "p.safetensors").exists()
