@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from .errors import KfloError
+from .reparam.execution import chosen_forms
 
 #: Bounds on the options (checked before anything is built).
 MAX_BATCH = 65_536
@@ -300,15 +301,19 @@ def _fitting_kwargs(model: str, kwargs: dict[str, Any], input_size: Sequence[int
                     "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
 
 
-def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
+def _layer_rows(model: nn.Module, forms: dict[str, dict[tuple[int, ...], str]]) -> list[dict[str, Any]]:
+    """One row per rewritten layer; ``form`` is how it ran in the timed training steps (``kernel``/``feature``, or
+    ``None`` for a recipe without execution forms)."""
     from .record import record
 
     rec = record(model)
     rows = []
     for plan in rec.plan:
         if plan.applied:
+            seen = sorted(set(forms.get(plan.name, {}).values()))
             rows.append({"layer": plan.name, "type": plan.type, "recipe": plan.recipe,
-                         "params_before": plan.params_before, "params_after": plan.params_after})
+                         "params_before": plan.params_before, "params_after": plan.params_after,
+                         "form": "/".join(seen) if seen else None})
     return rows
 
 
@@ -397,6 +402,7 @@ def bench(
     _interleaved(calls, warmup, dev, tick)
     step_times = _interleaved(calls, steps, dev, tick)
 
+    forms = chosen_forms(expanded)
     say("memory", done[0], total)
     memory_vanilla = _peak_step_bytes(plain_trainer, images, labels)
     memory_expanded = _peak_step_bytes(expanded_trainer, images, labels)
@@ -435,7 +441,7 @@ def bench(
         memory_vanilla=memory_vanilla, memory_expanded=memory_expanded,
         memory_ratio=memory_expanded / memory_vanilla if memory_vanilla else float("nan"), memory_method=method,
         infer_vanilla=inf_v, infer_collapsed=inf_c, infer_ratio=inf_c.median / inf_v.median,
-        expand_seconds=expand_seconds, collapse_seconds=collapse_seconds, layers=_layer_rows(expanded),
+        expand_seconds=expand_seconds, collapse_seconds=collapse_seconds, layers=_layer_rows(expanded, forms),
     )
 
 

@@ -182,6 +182,10 @@ def expand(
     if dry_run:
         print_plan(list(rec.plan), f"{rec.model_id} with {' + '.join(s.recipe.spec() for s in rec.selections)}")
         print_totals(before, after, applied)
+        if any(s.recipe.values.get("mode") == "auto" for s in rec.selections):
+            console.print("mode=auto: each layer runs on its composed kernel or through its factors, whichever is "
+                          "cheaper for the input it sees (docs/performance.md); `kflo bench` with your batch and "
+                          "input size shows each layer's choice")
         return
     save(net, output)
     print_totals(before, after, applied)
@@ -381,6 +385,11 @@ def print_bench(r: Any) -> None:
     table.add_row("expand / collapse", "", f"{r.expand_seconds:.2f} s / {r.collapse_seconds:.2f} s", "")
     console.print(table)
     console.print(f"{r.step_vanilla.samples} timed steps each, interleaved; memory: {r.memory_method}")
+    formed = [row for row in r.layers if row.get("form")]
+    if formed:
+        feature = [row["layer"] for row in formed if "feature" in row["form"]]
+        console.print(f"execution in training: {len(formed) - len(feature)} of {len(formed)} layers on the composed "
+                      f"kernel, {len(feature)} through the factors" + (f" ({', '.join(feature)})" if feature else ""))
 
 
 @app.command()

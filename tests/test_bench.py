@@ -67,3 +67,15 @@ def test_bench_cli_writes_json_and_refuses_bad_options(tmp_path):
         r = runner.invoke(app, ["bench", "lenet5", "--recipe", "kflo", *args, "--json", str(tmp_path / "x.json")])
         assert r.exit_code == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.output
         assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_reports_each_layers_execution_form():
+    # batch 1, KFLO with the decay on W_1: a 28x28 convolution composes its kernel (784 positions share it), while a
+    # Linear layer seen once per step is cheaper through its factors than composing out x R x F
+    r = bench("lenet5", ["kflo:decay=factors"], batch_size=1, steps=1, warmup=0)
+    forms = {row["layer"]: row["form"] for row in r.layers}
+    assert forms == {"features.0": "kernel", "features.3": "kernel", "classifier.0": "feature",
+                     "classifier.2": "feature", "classifier.4": "feature"}
+    # the paper's decay on W' composes every kernel anyway: every layer runs on it
+    r = bench("lenet5", ["kflo"], batch_size=1, steps=1, warmup=0)
+    assert {row["form"] for row in r.layers} == {"kernel"}

@@ -104,9 +104,27 @@ def build_optimizer(groups: list[GroupSpec], config: TrainConfig) -> torch.optim
                 "kflo_decay": g.weight_decay,
             }
         )
+    fused = fused_supported([p for g in groups for p in g.params])
     if config.optimizer == "sgd":
-        return torch.optim.SGD(torch_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
-    return torch.optim.AdamW(torch_groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+        return torch.optim.SGD(torch_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                               fused=fused or None)
+    return torch.optim.AdamW(torch_groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=fused or None)
+
+
+#: Devices with PyTorch's fused SGD/AdamW kernels (one pass over parameter, gradient and state).
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether the fused optimizer kernels can take these parameters: all floating point, on one device of
+    :data:`FUSED_DEVICES`. On CPU they run the step 5-8x faster than the per-parameter loop PyTorch otherwise uses
+    there (it picks ``foreach`` only on CUDA), which matters when a recipe multiplies the parameter count
+    (docs/performance.md). Same update rule, so runs stay comparable."""
+    if not params:
+        return False
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in FUSED_DEVICES
+            and all(p.is_floating_point() for p in params))
 
 
 class ModifiedAdaptiveStep:
@@ -250,6 +268,7 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "effective_decay",
+    "fused_supported",
     "optimizer_step",
     "penalty_rows",
     "total_penalty",
