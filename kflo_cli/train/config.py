@@ -113,6 +113,8 @@ class TrainConfig:
     min_lr: float = option(0.0, panel=OPTIMISATION, help="Cosine floor.")
     grad_clip: float | None = option(None, panel=OPTIMISATION, help="Clip the gradient's total L2 norm.")
     amp: bool = option(False, panel=OPTIMISATION, help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")
+    compile: bool = option(False, panel=OPTIMISATION, help="torch.compile the model for training (the first steps "
+                           "compile; the collapse afterwards is exact as without).")
     device: str = option("auto", panel=OPTIMISATION, help="auto, cpu, cuda or cuda:N.")
     threads: int | None = option(None, panel=OPTIMISATION, help="CPU threads (torch.set_num_threads); part of the run because float sums depend on it.")
     ema: float | None = option(None, panel=OPTIMISATION, help="Keep an exponential moving average with this decay, e.g. 0.999.")

@@ -105,7 +105,7 @@ def build_parts(run: Run, model: nn.Module) -> Parts:
     autocast, scaler = amp(config.amp, dist.device)
     return Parts(
         model=model,
-        net=wrap(model, dist),
+        net=torch.compile(wrap(model, dist)) if config.compile else wrap(model, dist),
         groups=groups,
         optimizer=optimizer,
         modified_step=ModifiedAdaptiveStep(model, optimizer, groups),
