@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -47,3 +48,30 @@ def test_compile_trains_and_collapses_exactly(tmp_path, recipe):
     # KFLO with auto execution forms (a Python-side choice per input shape under the compiler) and a structural
     # recipe; torch.compile needs a C++ compiler on CPU, and takes about a minute here
     _trained(tmp_path, recipe, "--compile")
+
+
+@pytest.mark.parametrize("recipe", ["kflo", "expandnet-ck", "doconv", None])
+def test_accumulate_gives_the_whole_batch_gradient(tmp_path, recipe):
+    # LeNet-5 has no BatchNorm, so a batch's gradient is the weighted sum of its micro-batches': training with
+    # --accumulate 4 (each kernel composed once per step, its gradient accumulated) must end where the plain run does
+    from safetensors.torch import load_file
+
+    ends = []
+    for accumulate in ("1", "4"):
+        run = tmp_path / f"a{accumulate}"
+        args = ["train", "lenet5", *(["--recipe", recipe] if recipe else []), *TINY, "--accumulate", accumulate,
+                "-o", str(run)]
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        ends.append(load_file(str(run / "last.safetensors")))
+    assert ends[0].keys() == ends[1].keys()
+    for key in ends[0]:
+        torch.testing.assert_close(ends[1][key], ends[0][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_accumulate_is_bounded_and_refused_with_compile(tmp_path):
+    r = runner.invoke(app, ["train", "lenet5", *TINY, "--accumulate", "64", "-o", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "--accumulate 64 is out of range" in r.stderr
+    r = runner.invoke(app, ["train", "lenet5", "--recipe", "kflo", *TINY, "--accumulate", "2", "--compile", "-o",
+                            str(tmp_path / "r")])
+    assert r.exit_code == 2 and "--accumulate is not supported with --compile" in r.stderr

@@ -112,6 +112,9 @@ class TrainConfig:
     warmup_epochs: float = option(0.0, panel=OPTIMISATION, help="Linear warmup length (may be fractional).")
     min_lr: float = option(0.0, panel=OPTIMISATION, help="Cosine floor.")
     grad_clip: float | None = option(None, panel=OPTIMISATION, help="Clip the gradient's total L2 norm.")
+    accumulate: int = option(1, panel=OPTIMISATION, help=(
+        "Split each batch into N micro-batches (memory of batch/N; the optimizer step and the schedule see the whole "
+        "batch). Each composed kernel is built once per step and its gradient accumulated over the micro-batches."))
     amp: bool = option(False, panel=OPTIMISATION, help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")
     compile: bool = option(False, panel=OPTIMISATION, help="torch.compile the model for training (the first steps "
                            "compile; the collapse afterwards is exact as without).")
@@ -163,6 +166,9 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"--warmup-epochs {self.warmup_epochs} must be >= 0"),
             (0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr]"),
             (self.grad_clip is None or self.grad_clip > 0, f"--grad-clip {self.grad_clip} must be > 0"),
+            (1 <= self.accumulate <= min(self.batch_size, 1024),
+             f"--accumulate {self.accumulate} is out of range; use an integer from 1 to the batch size "
+             f"({self.batch_size}) and at most 1024"),
             (self.ema is None or 0 < self.ema < 1, f"--ema {self.ema} must be a decay in (0, 1), e.g. 0.999"),
             (0 <= self.val_split < 1, f"--val-split {self.val_split} must be in [0, 1)"),
             (0 < self.train_fraction <= 1, f"--train-fraction {self.train_fraction} must be in (0, 1]"),

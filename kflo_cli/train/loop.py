@@ -58,16 +58,19 @@ def train_step(run: Run, parts: Parts, counters: Counters, images: torch.Tensor,
     if parts.teacher is not None:
         with torch.no_grad(), parts.autocast():
             teacher_logits = parts.teacher(images)
-    # cached(): each composed weight is computed once per step, for the forward and the penalty alike, and
-    # here, outside autocast, so composition runs in float32 even with --amp (the layer's op casts after)
-    with parametrize.cached():
-        for module, name in parts.parametrized:
-            getattr(module, name)
-        with parts.autocast():
-            logits = parts.net(images)
-        loss = task_loss(logits, labels, teacher_logits, config.kd_alpha, config.kd_temperature)
-        penalty = total_penalty(parts.model, config).to(loss.device)
-    total = loss + penalty
+    if config.accumulate > 1:
+        loss, penalty, logits, total = accumulated_backward(run, parts, images, labels, teacher_logits)
+    else:
+        # cached(): each composed weight is computed once per step, for the forward and the penalty alike, and
+        # here, outside autocast, so composition runs in float32 even with --amp (the layer's op casts after)
+        with parametrize.cached():
+            for module, name in parts.parametrized:
+                getattr(module, name)
+            with parts.autocast():
+                logits = parts.net(images)
+            loss = task_loss(logits, labels, teacher_logits, config.kd_alpha, config.kd_temperature)
+            penalty = total_penalty(parts.model, config).to(loss.device)
+        total = loss + penalty
     n = labels.shape[0]
     stats = torch.stack([
         loss.detach().float() * n,
@@ -80,11 +83,63 @@ def train_step(run: Run, parts: Parts, counters: Counters, images: torch.Tensor,
     if stats[3] > 0:
         parts.optimizer.zero_grad(set_to_none=True)
         raise diverged(f"the loss became {total.item()} in epoch {counters.epoch + 1} at step {counters.global_step + 1}", run.run_dir)
-    optimizer_step(total, parts.optimizer, parts.model.parameters(), scaler=parts.scaler, clip_norm=config.grad_clip)
+    optimizer_step(None if config.accumulate > 1 else total, parts.optimizer, parts.model.parameters(),
+                   scaler=parts.scaler, clip_norm=config.grad_clip)
     if parts.ema is not None:
         parts.ema.update(parts.model)
     counters.add_step(float(stats[0]), float(stats[1]), float(stats[2]), float(penalty.detach()))
     return stats
+
+
+def accumulated_backward(run: Run, parts: Parts, images: torch.Tensor, labels: torch.Tensor,
+                         teacher_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``--accumulate N``: back-propagate one batch as N micro-batches, composing every kernel once.
+
+    Each parametrized tensor is composed once (with its graph to the factors) and handed to the micro-batches as a
+    detached leaf through ``parametrize.cached()``'s cache; the micro-batches accumulate the leaf's gradient, and one
+    backward through the compositions (with the recipes' penalty, which reads the composed tensors) carries it to the
+    factors. The factors' gradients are those of the whole batch (each micro-batch's loss is weighted by its share
+    of the batch), as plain accumulation gives, at 1/N of the compositions. Returns (loss, penalty, logits, total),
+    detached, for the step's statistics; the gradients are in place for :func:`optimizer_step` (``loss=None``).
+    """
+    config = run.config
+    scaler = parts.scaler if parts.scaler is not None and parts.scaler.is_enabled() else None
+    scale = (lambda t: scaler.scale(t)) if scaler is not None else (lambda t: t)
+    n = labels.shape[0]
+    cache = getattr(parametrize, "_cache", None)
+    if not isinstance(cache, dict):  # pragma: no cover - guards a private PyTorch detail
+        raise KfloError("--accumulate needs torch.nn.utils.parametrize's cache, which this PyTorch does not have; "
+                        "drop --accumulate")
+    tensors = [(m, name) for m in parts.model.modules() if parametrize.is_parametrized(m) for name in m.parametrizations]
+    losses, outputs = [], []
+    with parametrize.cached():
+        composed = {(id(m), name): getattr(m, name) for m, name in tensors}  # outside autocast: float32
+        leaves = {key: value.detach().requires_grad_(value.requires_grad) for key, value in composed.items()}
+        cache.update(leaves)
+        for part, (x, y) in enumerate(zip(images.tensor_split(config.accumulate), labels.tensor_split(config.accumulate))):
+            if y.shape[0] == 0:
+                continue
+            t = None if teacher_logits is None else teacher_logits.tensor_split(config.accumulate)[part]
+            with parts.autocast():
+                out = parts.net(x)
+            loss = task_loss(out, y, t, config.kd_alpha, config.kd_temperature) * (y.shape[0] / n)
+            scale(loss).backward()
+            losses.append(loss.detach())
+            outputs.append(out.detach())
+        cache.update(composed)  # the penalty reads the composed tensors themselves (their graph to the factors)
+        penalty = total_penalty(parts.model, config).to(images.device)
+        roots = [penalty] if penalty.requires_grad else []
+        grads = [torch.ones_like(penalty)] if roots else []
+        for key, leaf in leaves.items():
+            if leaf.grad is not None and composed[key].requires_grad:
+                roots.append(composed[key])
+                grads.append(leaf.grad)
+        if roots:
+            if scaler is not None and roots[0] is penalty:
+                grads[0] = scale(grads[0])
+            torch.autograd.backward(roots, grads)
+    loss = torch.stack(losses).sum()
+    return loss, penalty.detach(), torch.cat(outputs), loss + penalty.detach()
 
 
 @dataclass

@@ -230,7 +230,7 @@ class Schedule:
 
 
 def optimizer_step(
-    loss: torch.Tensor,
+    loss: torch.Tensor | None,
     optimizer: torch.optim.Optimizer,
     params: Iterable[torch.Tensor],
     *,
@@ -248,7 +248,8 @@ def optimizer_step(
     """
     params = [p for p in params if p.requires_grad]
     scaled = scaler is not None and scaler.is_enabled()
-    (scaler.scale(loss) if scaled else loss).backward()
+    if loss is not None:  # None: the caller has back-propagated already (gradient accumulation)
+        (scaler.scale(loss) if scaled else loss).backward()
     if scaled:
         scaler.unscale_(optimizer)
     if clip_norm is not None:

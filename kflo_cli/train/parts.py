@@ -96,6 +96,9 @@ def pretouched(model: nn.Module) -> list[tuple[nn.Module, str]]:
 def build_parts(run: Run, model: nn.Module) -> Parts:
     """Model on the device, parameter groups per recipe role, optimizer, schedule, AMP, EMA and teacher."""
     config, dist = run.config, run.dist
+    if config.accumulate > 1 and (dist.world_size > 1 or config.compile):
+        raise KfloError(f"--accumulate is not supported with {'torchrun (DDP)' if dist.world_size > 1 else '--compile'} "
+                        "yet; drop one of them")
     model = model.to(dist.device).train()
     groups = build_param_groups(model, config)
     optimizer = build_optimizer(groups, config)
