@@ -70,6 +70,7 @@ class BenchResult:
     input_size: list[int]
     compiled: bool
     amp: bool
+    accumulate: int
     params_vanilla: int
     params_training: int
     params_collapsed: int
@@ -166,12 +167,13 @@ def _quiet_stderr() -> Iterator[None]:
 class _Trainer:
     """One model with what ``kflo train`` gives it: parameter groups per recipe role, SGD, penalties, AMP."""
 
-    def __init__(self, model: nn.Module, device: torch.device, *, amp: bool, compile_model: bool) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, *, amp: bool, compile_model: bool,
+                 accumulate: int = 1) -> None:
         from .train.config import TrainConfig
         from .train.optim import ModifiedAdaptiveStep, build_optimizer, build_param_groups
         from .train.parts import pretouched
 
-        self.config = TrainConfig()
+        self.config = TrainConfig(accumulate=accumulate)
         self.device = device
         self.model = model.to(device).train()
         groups = build_param_groups(self.model, self.config)
@@ -189,8 +191,15 @@ class _Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from types import SimpleNamespace
+
+        from .train.loop import accumulated_backward
         from .train.optim import optimizer_step, total_penalty
 
+        if self.config.accumulate > 1:  # kflo train's --accumulate: micro-batches, each kernel composed once
+            accumulated_backward(SimpleNamespace(config=self.config), self, images, labels, None)
+            optimizer_step(None, self.optimizer, self.model.parameters(), scaler=self.scaler)
+            return
         with parametrize.cached():
             for module, name in self.parametrized:
                 getattr(module, name)
@@ -329,6 +338,7 @@ def bench(
     mode: str | None = None,
     compile_model: bool = False,
     amp: bool = False,
+    accumulate: int = 1,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     model_kwargs: dict[str, Any] | None = None,
@@ -344,6 +354,9 @@ def bench(
     from .surgery import collapse
 
     _check_options(batch_size, steps, warmup, input_size)
+    if not 1 <= accumulate <= min(batch_size, 1024):
+        raise KfloError(f"--accumulate {accumulate} is out of range; use an integer from 1 to the batch size "
+                        f"({batch_size}) and at most 1024")
     specs = with_mode(recipes, mode)
     if not specs:
         raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] (`kflo recipes` lists them)")
@@ -389,8 +402,8 @@ def bench(
         macs_feature = _macs_per_image(feature_model, images.cpu())
         del feature_model
 
-    plain_trainer = _Trainer(vanilla, dev, amp=amp, compile_model=compile_model)
-    expanded_trainer = _Trainer(expanded, dev, amp=amp, compile_model=compile_model)
+    plain_trainer = _Trainer(vanilla, dev, amp=amp, compile_model=compile_model, accumulate=accumulate)
+    expanded_trainer = _Trainer(expanded, dev, amp=amp, compile_model=compile_model, accumulate=accumulate)
     done = [2]
 
     def tick() -> None:
@@ -434,7 +447,7 @@ def bench(
               "(torch.profiler memory events)")
     return BenchResult(
         model=model, recipes=[str(s) for s in specs], device=str(dev), threads=torch.get_num_threads(),
-        batch_size=batch_size, input_size=list(size), compiled=compile_model, amp=amp,
+        batch_size=batch_size, input_size=list(size), compiled=compile_model, amp=amp, accumulate=accumulate,
         params_vanilla=params_vanilla, params_training=params_training, params_collapsed=params_collapsed,
         macs_vanilla=macs_vanilla, macs_executed=macs_executed, macs_feature_form=macs_feature,
         step_vanilla=step_v, step_expanded=step_e, step_ratio=step_e.median / step_v.median,

@@ -313,6 +313,7 @@ def bench(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: PyTorch's).")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile both models.")] = False,
     amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (bfloat16 on CPU, float16 on CUDA) for both models.")] = False,
+    accumulate: Annotated[int, typer.Option("--accumulate", help="Micro-batches per step, as kflo train --accumulate (both models).")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed for both models and the random batch.")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON to this file.")] = None,
 ) -> None:
@@ -345,6 +346,7 @@ def bench(
 
         result = run_bench(model, specs, batch_size=batch_size, input_size=_parse_size(input_size), steps=steps,
                            warmup=warmup, device=device, mode=mode, compile_model=compile_model, amp=amp,
+                           accumulate=accumulate,
                            include=include or [], exclude=exclude or [],
                            model_kwargs={"num_classes": num_classes, "in_chans": in_chans}, seed=seed,
                            progress=progress)
@@ -366,7 +368,8 @@ def print_bench(r: Any) -> None:
         return "-" if n is None else f"{n / 1e6:.2f} M"
 
     title = (f"{r.model} + {' + '.join(r.recipes)}: batch {r.batch_size} x {'x'.join(map(str, r.input_size))}, "
-             f"{r.device}, {r.threads} threads{', compiled' if r.compiled else ''}{', AMP' if r.amp else ''}")
+             f"{r.device}, {r.threads} threads{', compiled' if r.compiled else ''}{', AMP' if r.amp else ''}"
+             f"{f', {r.accumulate} micro-batches per step' if r.accumulate > 1 else ''}")
     table = Table(title=title)
     for col in ("", "vanilla", "expanded", "ratio"):
         table.add_column(col, justify="left" if not col else "right")

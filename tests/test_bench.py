@@ -79,3 +79,10 @@ def test_bench_reports_each_layers_execution_form():
     # the paper's decay on W' composes every kernel anyway: every layer runs on it
     r = bench("lenet5", ["kflo"], batch_size=1, steps=1, warmup=0)
     assert {row["form"] for row in r.layers} == {"kernel"}
+
+
+def test_bench_runs_both_models_with_accumulation_and_bounds_it():
+    r = bench("lenet5", ["kflo"], batch_size=8, steps=1, warmup=0, accumulate=4)
+    assert r.accumulate == 4 and r.step_ratio > 0 and r.params_collapsed == r.params_vanilla
+    with pytest.raises(KfloError, match="--accumulate 16 is out of range"):
+        bench("lenet5", ["kflo"], batch_size=8, steps=1, warmup=0, accumulate=16)
