@@ -397,6 +397,49 @@ def print_bench(r: Any) -> None:
 
 @app.command()
 @handle_errors
+def landscape(
+    checkpoint: Annotated[Path, typer.Argument(help="A kflo checkpoint: plain, collapsed or expanded (directions over its factors).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The plot to write (OUT.png); the grid goes to OUT.json beside it.")],
+    data: Annotated[str, typer.Option("--data", help="Training data the loss is measured on (digits, mnist, cifar10, ...; docs/data.md).")],
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the data set's files.")] = None,
+    dim: Annotated[int, typer.Option("--dim", help="1: a loss curve along one direction; 2: a contour map over two.")] = 1,
+    steps: Annotated[int, typer.Option("--steps", help="Grid points per axis (2 to 201).")] = 21,
+    span: Annotated[float, typer.Option("--span", help="The grid covers [-span, span] along each direction (0 < span <= 10).")] = 1.0,
+    batches: Annotated[int, typer.Option("--batches", help="Training batches the loss is averaged over (1 to 10000).")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (1 to 4096).")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the directions and the choice of training images.")] = 0,
+    metric: Annotated[str, typer.Option("--metric", help="What the plot shows: loss (cross-entropy) or error (top-1 %, as ExpandNets' Figure 4); the JSON holds both.")] = "loss",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: PyTorch's).")] = None,
+) -> None:
+    """Draw the filter-normalised loss landscape (Li et al. 2018; ExpandNets 5.2) around a checkpoint's weights."""
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .analysis.landscape import METRICS, check_options, check_output, checkpoint_landscape, write_landscape
+
+    check_options(dim=dim, steps=steps, span=span, batches=batches, batch_size=batch_size)
+    if metric not in METRICS:
+        raise KfloError(f"--metric {metric} is not one of {', '.join(METRICS)}")
+    json_path = check_output(output)
+    if threads is not None:
+        if not 1 <= threads <= 1024:
+            raise KfloError(f"--threads {threads} is out of range; use an integer from 1 to 1024")
+        torch.set_num_threads(threads)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("landscape: grid points", total=steps ** dim)
+        result = checkpoint_landscape(checkpoint, data, data_dir=data_dir, dim=dim, steps=steps, span=span,
+                                      batches=batches, batch_size=batch_size, seed=seed,
+                                      progress=lambda done, total: bar.update(task, completed=done, total=total))
+    write_landscape(result, output, metric=metric)
+    console.print(f"{result.title}: loss {result.origin_loss:.4f} at the weights, {min(map(min, result.loss) if dim == 2 else result.loss):.4f} "
+                  f"lowest on the grid ({result.samples} images, {result.moved_values:,} weights moved, "
+                  f"{len(result.fixed)} tensors fixed)")
+    console.print(f"wrote {output} and {json_path}")
+
+
+@app.command()
+@handle_errors
 def inspect(path: Annotated[Path, typer.Argument(help="A kflo checkpoint (.safetensors).")]) -> None:
     """Show a checkpoint's metadata and a per-layer summary."""
     from .checkpoint import load_tensors, read_metadata
@@ -441,6 +484,61 @@ def convert(
     count = do_convert(source, output, model=model, num_classes=num_classes, in_chans=in_chans)
     checked = f", loads strictly into {model}" if model else ""
     console.print(f"wrote {output} ({count} tensors{checked})")
+
+
+@app.command()
+@handle_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="An expanded (collapsed first, in memory) or plain kflo checkpoint, or a plain safetensors state dict with --model.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="File to write: .onnx or .pt2 (written only if it passes verification).")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help="onnx (torch.onnx dynamo exporter, checked with ONNX Runtime) or pt2 (torch.export); default: from -o's suffix, else onnx.")] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of the input (default: the checkpoint's / the model's).")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Fixed batch size of the exported graph.")] = 1,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Leave the batch dimension free (verified at batch sizes 1 and 3).")] = False,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the exporter's).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16: the exported graph's weights and inputs.")] = "float32",
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Pass threshold on each output's max |error| / scale against the PyTorch model (default: 1e-4 for float32, 1e-2 for float16).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random verification inputs.")] = 0,
+    model: Annotated[Optional[str], typer.Option("--model", help="Architecture of a plain safetensors state dict (loaded strictly).", rich_help_panel="Model")] = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="With --model: passed to the model constructor.", rich_help_panel="Model")] = None,
+    in_chans: Annotated[Optional[int], typer.Option("--in-chans", help="With --model: input channels (timm models).", rich_help_panel="Model")] = None,
+) -> None:
+    """Export a checkpoint for deployment (ONNX or torch.export .pt2) and verify the written file against PyTorch."""
+    from .export import EXPORT_DTYPES, FORMATS, export_model, load_for_export
+    from rich.text import Text
+
+    if fmt is None:
+        fmt = next((name for name, suffix in FORMATS.items() if output.suffix.lower() == suffix), "onnx")
+    if fmt not in FORMATS:
+        raise KfloError(f"unknown --format '{fmt}'; use {' or '.join(FORMATS)}")
+    if dtype not in EXPORT_DTYPES:
+        raise KfloError(f"--dtype {dtype} cannot be exported; use {' or '.join(EXPORT_DTYPES)}")
+    if output.exists() and checkpoint.exists() and output.resolve() == checkpoint.resolve():
+        raise KfloError(f"-o {output} would overwrite the checkpoint it exports; choose another output path")
+    net, meta = load_for_export(checkpoint, model=model, num_classes=num_classes, in_chans=in_chans)
+    size = _parse_size(input_size) or (tuple(meta["input_size"]) if meta and meta.get("input_size") else None)
+    report = export_model(net, output, fmt, size, batch=batch, dynamic_batch=dynamic_batch, opset=opset,
+                          dtype=EXPORT_DTYPES[dtype], rtol=rtol, seed=seed, quiet=not _STATE["debug"])
+    shape = ("N" if report.dynamic_batch else str(report.batch_sizes[0])) + "x" + "x".join(map(str, report.input_size))
+    opset_text = f", opset {report.opset}" if report.opset is not None else ""
+    console.print(f"{'collapsed, then ' if report.collapsed else ''}exported with {report.exporter}{opset_text}: input "
+                  f"{shape} {report.dtype}", markup=False, highlight=False)
+    console.print(f"verified with {report.runtime} at batch {', '.join(map(str, report.batch_sizes))} against the "
+                  f"PyTorch model (float32, eval): largest relative error {report.rel_error:.3e} (tolerance "
+                  f"{report.rtol:.0e})", markup=False, highlight=False)
+    if len(report.outputs) > 1 or not report.passed:
+        table = Table(title="per-output error")
+        for col in ("output", "max |error|", "scale", "relative"):
+            table.add_column(col)
+        for row in report.outputs:
+            table.add_row(Text(row.name), f"{row.max_abs:.3e}", f"{row.scale:.3e}", f"{row.rel:.3e}")
+        console.print(table)
+    if not report.passed:
+        from rich.markup import escape
+
+        console.print(f"[red]FAIL[/]: {escape(report.reason)}; nothing was written")
+        raise typer.Exit(1)
+    console.print(f"[green]PASS[/]: wrote {output} ({report.size_bytes / 2**20:.2f} MiB)")
 
 
 @app.command()

@@ -81,6 +81,9 @@ class TrainConfig:
     init_from_expanded: str | None = option(None, in_recipe_file=False, panel=MODEL, help=(
         "ExpandNet +Init: an expanded checkpoint (the trained nonlinear counterpart) whose tensors start this expansion."))
     pretrained: bool = option(False, in_recipe_file=False, panel=MODEL, help="Start from the library's pretrained weights.")
+    init: str | None = option(None, in_recipe_file=False, panel=MODEL, help=(
+        "collapsed-expansion:SPEC: start the plain model from a collapsed, untrained expansion (ExpandNets 5.3, "
+        "hypothesis 1: is an ExpandNet's gain only a better initialisation?), e.g. collapsed-expansion:expandnet-ck."))
     # -- data ------------------------------------------------------------------------------------------------
     data: str = option("digits", panel=DATA, help=(
         "digits (bundled), fashion-mnist, mnist, cifar10, cifar100, imagefolder, synthetic."))
@@ -166,6 +169,13 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"--warmup-epochs {self.warmup_epochs} must be >= 0"),
             (0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr]"),
             (self.grad_clip is None or self.grad_clip > 0, f"--grad-clip {self.grad_clip} must be > 0"),
+            (self.init is None or (isinstance(self.init, str) and self.init.startswith("collapsed-expansion:")
+                                   and len(self.init) > len("collapsed-expansion:")),
+             f"--init {self.init} is not collapsed-expansion:SPEC; e.g. --init collapsed-expansion:expandnet-ck"),
+            (self.init is None or not (self.recipe or self.recipe_file or self.init_from or self.init_from_expanded
+                                       or self.pretrained),
+             "--init starts a plain model from a collapsed expansion; drop --recipe/--recipe-file/--init-from/"
+             "--init-from-expanded/--pretrained, or drop --init"),
             (1 <= self.accumulate <= min(self.batch_size, 1024),
              f"--accumulate {self.accumulate} is out of range; use an integer from 1 to the batch size "
              f"({self.batch_size}) and at most 1024"),

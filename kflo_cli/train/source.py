@@ -211,6 +211,8 @@ def prepare(config: TrainConfig, data: Any = None) -> Prepared:
     if not config.source:
         raise KfloError("no SOURCE; pass a model name (e.g. lenet5) or a checkpoint from kflo expand")
     if is_checkpoint(config.source):
+        if config.init:
+            raise KfloError("--init applies to a model name; a checkpoint SOURCE already holds its weights")
         if init_from or config.init_from_expanded:
             raise KfloError("--init-from and --init-from-expanded apply to a model name; a checkpoint SOURCE already "
                             "holds its weights")
@@ -224,6 +226,12 @@ def prepare(config: TrainConfig, data: Any = None) -> Prepared:
             specs = []
     else:
         model, data, args = _model_by_name(config, data, args, injected)
+        if config.init:
+            from ..analysis.init import contracted_init
+
+            spec = config.init.partition(":")[2]
+            model = contracted_init(model, spec, seed=config.seed)
+            notes.append(f"started from a collapsed, untrained {spec} expansion (--init)")
     if specs or config.init_from_expanded:
         model = expand_model(model, specs, include=config.include, exclude=config.exclude, init_from=init_from,
                              init_from_expanded=config.init_from_expanded, seed=config.seed, note=notes.append)
