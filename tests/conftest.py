@@ -78,3 +78,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    """A CliRunner result is a user error: exit 2, one ``error: ...`` line on stderr holding every fragment, no
+    traceback."""
+    assert result.exit_code == 2, result.output
+    err = result.stderr
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in result.output, err
+    for fragment in fragments:
+        assert fragment in err, err

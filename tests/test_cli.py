@@ -15,18 +15,14 @@ from typer.testing import CliRunner
 from kflo_cli.cli import app
 from kflo_cli.errors import KfloError
 
+from conftest import assert_user_error
+
 runner = CliRunner()
 
 
 def run(*args: str):
     return runner.invoke(app, list(args))
 
-
-def assert_user_error(result, fragment: str) -> None:
-    assert result.exit_code == 2, result.output
-    err = result.stderr
-    assert err.startswith("error: ") and fragment in err, err
-    assert "Traceback" not in result.output and err.count("\n") == 1
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from kflo_cli.cli import app
 from kflo_cli.errors import KfloError
 from kflo_cli.export import DEFAULT_RTOL, export_model
 
+from conftest import assert_user_error
+
 onnx = pytest.importorskip("onnx", reason="the onnx extra (pip install 'kflo[onnx]')")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'kflo[onnx]')")
 pytest.importorskip("onnxscript", reason="the onnx extra (pip install 'kflo[onnx]')")
@@ -28,12 +30,6 @@ runner = CliRunner()
 def run(*args: str):
     return runner.invoke(app, list(args))
 
-
-def assert_user_error(result, fragment: str) -> None:
-    assert result.exit_code == 2, result.output
-    err = result.stderr
-    assert err.startswith("error: ") and fragment in err, err
-    assert "Traceback" not in result.output and err.count("\n") == 1
 
 
 def only_file(folder, name: str) -> None:

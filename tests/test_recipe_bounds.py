@@ -29,7 +29,7 @@ from kflo_cli.recipefile import load_recipe_file
 from kflo_cli.reparam import LayerContext, Param, RecipeSpec, Shorthand, base, parse_spec, registry
 from kflo_cli.reparam.compander import AUTO_FLOOR, COMPANDERS, MAX_SCALE, auto_a, smallest_workable_a
 
-from conftest import rel_err
+from conftest import assert_user_error, rel_err
 
 runner = CliRunner()
 
@@ -39,12 +39,6 @@ TOL32 = 1e-5
 #: the same in float64.
 TOL64 = 1e-10
 
-
-def assert_user_error(result, fragment: str) -> None:
-    assert result.exit_code == 2, result.output
-    err = result.stderr
-    assert err.startswith("error: ") and fragment in err, err
-    assert "Traceback" not in result.output and err.count("\n") == 1, err
 
 
 def squash(text: str) -> str:

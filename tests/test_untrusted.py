@@ -24,6 +24,8 @@ from kflo_cli.cli import app
 from kflo_cli.errors import KfloError
 from kflo_cli.models import MODEL_OPTIONS, check_model_kwargs
 
+from conftest import assert_user_error
+
 runner = CliRunner()
 EDITED = "the file was edited or does not come from kflo"
 PACKAGE = Path(kflo.__file__).parent
@@ -32,13 +34,6 @@ PACKAGE = Path(kflo.__file__).parent
 def run(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    err = result.stderr
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in result.output, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 class _Evil:
