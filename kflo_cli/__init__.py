@@ -30,6 +30,8 @@ _EXPORTS = {
     **dict.fromkeys(("decay_penalty", "param_roles", "step_scales"), "roles"),
     **dict.fromkeys(("collapse", "collapse_problem", "expand", "is_expanded", "plan", "rewritten_layers"), "surgery"),
     **dict.fromkeys(("EquivalenceReport", "verify_equivalence"), "verify"),
+    **dict.fromkeys(("BenchResult", "bench"), "bench"),
+    **dict.fromkeys(("ExportReport", "export_model"), "export"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover - what the names are, for type checkers and editors
@@ -53,6 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover - what the names are, for type checkers an
     from .roles import decay_penalty, param_roles, step_scales
     from .surgery import collapse, collapse_problem, expand, is_expanded, plan, rewritten_layers
     from .verify import EquivalenceReport, verify_equivalence
+    from .bench import BenchResult, bench
+    from .export import ExportReport, export_model
 
 
 def __getattr__(name: str) -> Any:
@@ -140,7 +144,9 @@ elif not any(isinstance(f, _ZooWhenTimmLoads) for f in sys.meta_path):
     sys.meta_path.insert(0, _ZooWhenTimmLoads())
 
 __all__ = [
+    "BenchResult",
     "EquivalenceReport",
+    "ExportReport",
     "KfloError",
     "LayerContext",
     "LayerPlan",
@@ -153,6 +159,7 @@ __all__ = [
     "Selection",
     "WeightRecipe",
     "__version__",
+    "bench",
     "collapse",
     "collapse_problem",
     "collapse_to_file",
@@ -162,6 +169,7 @@ __all__ = [
     "default_input_size",
     "expand",
     "expand_model",
+    "export_model",
     "get_recipe",
     "is_expanded",
     "list_recipes",
