@@ -421,7 +421,20 @@ def test_ctrl_c_while_importing_is_one_line_and_exit_130(module, argv):
 def test_a_real_sigint_during_start_up_prints_no_traceback(tmp_path):
     cmd = [sys.executable, "-m", "kflo_cli", "train", "lenet5", *FAST, "--epochs", "1", "-o", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    time.sleep(0.4)  # python is up; the CLI, torch and the data are still loading
+    # interrupt while torch is being imported (inside the guarded entry point): on Linux, wait until the process has
+    # started mapping torch's libraries (a fixed sleep lands before Python's own SIGINT handler on a busy machine)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + scaled_timeout(60)
+    if maps.exists():
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if "torch" in maps.read_text():
+                    break
+            except OSError:
+                break
+            time.sleep(0.01)
+    else:
+        time.sleep(0.4)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=scaled_timeout(120))
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning: ")]
