@@ -345,3 +345,42 @@ def test_train_init_starts_from_the_contracted_init_and_refuses_other_starts(tmp
     r = CliRunner().invoke(app, ["train", "lenet5", "--init", "collapsed-expansion:kflo", "--recipe", "kflo",
                                  "-o", str(tmp_path / "r")])
     assert r.exit_code == 2 and "--init starts a plain model" in r.stderr and not (tmp_path / "r").exists()
+
+
+def test_percentiles_of_a_known_tensor():
+    import torch
+
+    from kflo_cli.analysis.tracking import PERCENTILES, percentiles
+
+    values = torch.arange(101, dtype=torch.float32)[torch.randperm(101)]  # 0..100 shuffled
+    assert percentiles(values) == [float(p) for p in PERCENTILES]
+    assert percentiles(torch.tensor([0.0, 10.0]), [50, 25]) == [5.0, 2.5]  # linear interpolation, as numpy
+
+
+def test_track_weights_records_bands_draws_them_and_leaves_the_training_unchanged(tmp_path):
+    import json
+
+    import matplotlib
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from kflo_cli.analysis.tracking import PERCENTILES
+    from kflo_cli.cli import app
+
+    matplotlib.use("Agg")
+    common = ["train", "lenet5", "--recipe", "kflo", "--data", "digits", "--epochs", "2", "--train-fraction", "0.2",
+              "--batch-size", "32", "--threads", "1"]
+    r = CliRunner().invoke(app, [*common, "-o", str(tmp_path / "plain")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*common, "--track", "weights:layers=features.*", "-o", str(tmp_path / "tracked")])
+    assert r.exit_code == 0, r.output
+    a, b = load_file(str(tmp_path / "plain" / "last.safetensors")), load_file(str(tmp_path / "tracked" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # bit-identical trajectory
+    rows = [json.loads(line) for line in (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(row["weights"]) for row in rows] == [["features.0", "features.3"]] * 2
+    bands = rows[-1]["weights"]["features.0"]
+    assert len(bands) == len(PERCENTILES) and bands == sorted(bands, reverse=True)
+    png = (tmp_path / "tracked" / "weights.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    r = CliRunner().invoke(app, [*common, "--track", "gradients", "-o", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "unknown measurement 'gradients'" in r.stderr and not (tmp_path / "bad").exists()

@@ -130,6 +130,9 @@ class TrainConfig:
     kd_alpha: float = option(0.5, panel=DISTILLATION, help="Weight of the distillation term.")
     kd_temperature: float = option(4.0, panel=DISTILLATION, help="Softmax temperature.")
     # -- end of run ------------------------------------------------------------------------------------------
+    track: list[str] = option(factory=list, panel=RUN, help=(
+        "weights[:layers=GLOB]: after each epoch record the percentile bands of each layer's effective (composed) "
+        "weight in metrics.jsonl and weights.png (compander paper, Fig. 3); never changes the training."))
     collapse_from: str = option("last", panel=RUN, help="Which weights to collapse at the end: last, best or ema.")
     verify_rtol: float | None = option(None, panel=RUN, help=(
         "Pass threshold of the final equivalence check (default: 1e-5 for float32, 1e-10 for float64)."))
@@ -143,7 +146,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`KfloError` naming the first invalid setting and what is allowed."""
+        from ..analysis.tracking import parse_track
         from ..models import MAX_IMG_SIZE, MAX_IN_CHANS  # the bounds a checkpoint's model arguments must meet
+
+        for spec in self.track:
+            parse_track(spec)
 
         checks: list[tuple[bool, str]] = [
             (self.in_chans is None or 1 <= self.in_chans <= MAX_IN_CHANS, f"--in-chans {self.in_chans} must be from 1 to {MAX_IN_CHANS}"),

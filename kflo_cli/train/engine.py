@@ -100,6 +100,7 @@ def fit(run: Run, parts: Parts, counters: Counters, stop_after_steps: int | None
             files.save(run, parts, counters, end_of_epoch=False)
             raise TrainingInterrupted(run.run_dir, counters.epoch, counters.global_step, epoch.stopped)
         row = epoch_metrics(run, parts, counters, epoch.seconds, epoch.images)
+        row.update(tracked(run, parts))
         by = "val" if run.data.val is not None else "test"
         if counters.end_epoch(row, by):
             files.save_best(run, parts, row, by)
@@ -119,6 +120,22 @@ def fit(run: Run, parts: Parts, counters: Counters, stop_after_steps: int | None
 
 
 # -- entry points ------------------------------------------------------------------------------------------------
+def tracked(run: Run, parts: Parts) -> dict[str, Any]:
+    """The ``--track`` measurements of the epoch just trained (:mod:`kflo_cli.analysis.tracking`), for its row."""
+    from ..analysis.tracking import parse_track, tracked_layers, weight_bands
+
+    out: dict[str, Any] = {}
+    for spec in run.config.track:
+        name, options = parse_track(spec)
+        if name == "weights":
+            layers = tracked_layers(parts.model, options.get("layers"))
+            if not layers:
+                raise KfloError(f"--track {spec}: no filtering layer matches; see `kflo expand {run.config.source} "
+                                "--recipe ... --dry-run` for the layer names")
+            out["weights"] = weight_bands(parts.model, layers)
+    return out
+
+
 def _set_threads(config: TrainConfig) -> None:
     # Part of the config because CPU float reductions depend on the thread count, so a resumed run must match.
     if config.threads is not None:

@@ -25,7 +25,7 @@ from .state import STATE_FILE, Counters, capture_rng, restore_rng, save_state, s
 #: Files a run writes; ``--overwrite`` removes exactly these (and nothing else) from RUN_DIR.
 RUN_FILES = (
     CONFIG_FILE, STATE_FILE, "last.safetensors", "best.safetensors", "ema.safetensors", "collapsed.safetensors",
-    "verification.json", "metrics.jsonl", "metrics.csv", "curves.png", "summary.json",
+    "verification.json", "metrics.jsonl", "metrics.csv", "curves.png", "weights.png", "summary.json",
 )
 
 
@@ -180,6 +180,11 @@ def save(run: Run, parts: Parts, counters: Counters, *, end_of_epoch: bool) -> N
             report.write_metrics(run.run_dir, counters.history)
             if counters.history:
                 write_curves(counters.history, run.run_dir / "curves.png", title=run_title(parts.model, run.config.data))
+                if any("weights" in row for row in counters.history):
+                    from ..analysis.tracking import write_weight_bands
+
+                    write_weight_bands(counters.history, run.run_dir / "weights.png",
+                                       title=run_title(parts.model, run.config.data))
         save_state(
             run.run_dir,
             model=parts.model.state_dict(),
