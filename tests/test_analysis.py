@@ -384,3 +384,43 @@ def test_track_weights_records_bands_draws_them_and_leaves_the_training_unchange
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     r = CliRunner().invoke(app, [*common, "--track", "gradients", "-o", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "unknown measurement 'gradients'" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_gradient_cosine_similarities_match_a_hand_computed_case():
+    import torch
+
+    from kflo_cli.analysis.confusion import gaussian_kde, pair_similarities
+
+    # loss = w . x for a single weight vector: the gradient of a batch is the sum of its inputs
+    model = torch.nn.Linear(2, 1, bias=False)
+    batches = [(torch.tensor([[1.0, 0.0]]), None), (torch.tensor([[1.0, 1.0]]), None),   # cos 45 deg
+               (torch.tensor([[0.0, 2.0]]), None), (torch.tensor([[0.0, -1.0]]), None)]  # opposite
+    sims = pair_similarities(model, batches, lambda out, _: out.sum())
+    assert sims == pytest.approx([2 ** -0.5, -1.0])
+    grid = [i / 100 for i in range(-300, 301)]
+    density = gaussian_kde([0.0, 0.1, -0.1, 0.2], grid)
+    assert sum(density) * 0.01 == pytest.approx(1.0, abs=1e-3)  # a density integrates to 1
+
+
+def test_track_gradient_confusion_leaves_the_training_unchanged(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from kflo_cli.cli import app
+
+    common = ["train", "lenet5", "--recipe", "expandnet-ck", "--data", "digits", "--epochs", "2", "--train-fraction",
+              "0.2", "--batch-size", "32", "--threads", "1"]
+    r = CliRunner().invoke(app, [*common, "-o", str(tmp_path / "plain")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*common, "--track", "gradient-confusion:pairs=5", "-o", str(tmp_path / "tracked")])
+    assert r.exit_code == 0, r.output
+    a, b = load_file(str(tmp_path / "plain" / "last.safetensors")), load_file(str(tmp_path / "tracked" / "last.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a)  # bit-identical trajectory
+    rows = [json.loads(line) for line in (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(row["grad_cos"]) == 5 and row["grad_cos_min"] == min(row["grad_cos"]) for row in rows)
+    assert all(-1.0 <= v <= 1.0 for row in rows for v in row["grad_cos"])
+    assert (tmp_path / "tracked" / "gradient_confusion.png").read_bytes()[:4] == b"\x89PNG"
+    r = CliRunner().invoke(app, [*common, "--track", "gradient-confusion:pairs=0", "-o", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "pairs=0 is out of range" in r.stderr

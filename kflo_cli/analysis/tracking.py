@@ -13,6 +13,8 @@ composition and one sort per tracked layer per epoch.
 
 from __future__ import annotations
 
+import textwrap
+
 import fnmatch
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +29,7 @@ from ..errors import KfloError
 #: The percentiles of the paper's Figure 3, largest first.
 PERCENTILES = (100, 93, 84, 69, 50, 31, 16, 7, 0)
 #: What ``--track`` accepts.
-TRACKERS = ("weights",)
+TRACKERS = ("weights", "gradient-confusion")
 #: At most this many layers are drawn in weights.png (all are recorded).
 MAX_PANELS = 12
 
@@ -38,13 +40,21 @@ def parse_track(spec: str) -> tuple[str, dict[str, str]]:
     name = name.strip()
     if name not in TRACKERS:
         raise KfloError(f"--track {spec}: unknown measurement '{name}'; use {' or '.join(TRACKERS)} "
-                        "(e.g. --track weights:layers='features.*')")
+                        "(e.g. --track weights:layers='features.*' or --track gradient-confusion:pairs=100)")
+    allowed = {"weights": "layers", "gradient-confusion": "pairs"}[name]
     options: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or key.strip() != "layers" or not value.strip():
-            raise KfloError(f"--track {spec}: '{item}' is not layers=GLOB; write --track weights:layers=GLOB")
-        options["layers"] = value.strip()
+        if not eq or key.strip() != allowed or not value.strip():
+            raise KfloError(f"--track {spec}: '{item}' is not {allowed}=...; write --track weights:layers=GLOB or "
+                            "--track gradient-confusion:pairs=P")
+        options[allowed] = value.strip()
+    if "pairs" in options:
+        from .confusion import MAX_PAIRS
+
+        pairs = options["pairs"]
+        if not pairs.isdigit() or not 1 <= int(pairs) <= MAX_PAIRS:
+            raise KfloError(f"--track {spec}: pairs={pairs} is out of range; use an integer from 1 to {MAX_PAIRS}")
     return name, options
 
 
@@ -115,7 +125,7 @@ def write_weight_bands(history: list[dict[str, Any]], path: str | Path, title: s
         for ax in list(axes.flat)[len(layers):]:
             ax.set_visible(False)
         axes.flat[0].legend(fontsize=7, loc="best")
-        fig.suptitle(f"weight percentiles per epoch{': ' + title if title else ''}", fontsize=10)
+        fig.suptitle(textwrap.fill(f"weight percentiles per epoch{': ' + title if title else ''}", 110), fontsize=9)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=90)

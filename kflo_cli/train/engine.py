@@ -100,7 +100,7 @@ def fit(run: Run, parts: Parts, counters: Counters, stop_after_steps: int | None
             files.save(run, parts, counters, end_of_epoch=False)
             raise TrainingInterrupted(run.run_dir, counters.epoch, counters.global_step, epoch.stopped)
         row = epoch_metrics(run, parts, counters, epoch.seconds, epoch.images)
-        row.update(tracked(run, parts))
+        row.update(tracked(run, parts, counters.epoch))
         by = "val" if run.data.val is not None else "test"
         if counters.end_epoch(row, by):
             files.save_best(run, parts, row, by)
@@ -120,7 +120,7 @@ def fit(run: Run, parts: Parts, counters: Counters, stop_after_steps: int | None
 
 
 # -- entry points ------------------------------------------------------------------------------------------------
-def tracked(run: Run, parts: Parts) -> dict[str, Any]:
+def tracked(run: Run, parts: Parts, epoch: int) -> dict[str, Any]:
     """The ``--track`` measurements of the epoch just trained (:mod:`kflo_cli.analysis.tracking`), for its row."""
     from ..analysis.tracking import parse_track, tracked_layers, weight_bands
 
@@ -133,7 +133,34 @@ def tracked(run: Run, parts: Parts) -> dict[str, Any]:
                 raise KfloError(f"--track {spec}: no filtering layer matches; see `kflo expand {run.config.source} "
                                 "--recipe ... --dry-run` for the layer names")
             out["weights"] = weight_bands(parts.model, layers)
+        elif name == "gradient-confusion" and run.dist.is_main:
+            out.update(gradient_confusion(run, parts, int(options.get("pairs", 100)), epoch))
     return out
+
+
+def gradient_confusion(run: Run, parts: Parts, pairs: int, epoch: int) -> dict[str, Any]:
+    """Cosine similarities of the gradients of ``pairs`` pairs of training mini-batches (a copy of the model, its own
+    seeded batches, every RNG state restored: the training does not change); see kflo_cli/analysis/confusion.py."""
+    from ..analysis.confusion import pair_similarities
+    from ..surgery import copy_model
+    from .loader import iterate, train_loader
+    from .state import capture_rng, restore_rng
+
+    config = run.config
+    rng = capture_rng()
+    try:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # its own batches, per epoch
+        size = min(config.batch_size, len(run.data.train))
+        picks = torch.randint(len(run.data.train), (2 * pairs, size), generator=generator).tolist()
+        # (stream, index) keys of the training loader: a stream no training epoch uses, so augmentation differs
+        batches = [[(1_000_000 + epoch, i) for i in rows] for rows in picks]
+        model = copy_model(parts.model).train()
+        device = run.dist.device
+        data = [(x.to(device), y.to(device)) for x, y in iterate(train_loader(run.data.train, batches, seed=config.seed))]
+        sims = pair_similarities(model, data, lambda out, y: task_loss(out, y, None, 0.0, 1.0))
+    finally:
+        restore_rng(rng)
+    return {"grad_cos_min": min(sims), "grad_cos_mean": sum(sims) / len(sims), "grad_cos": sims}
 
 
 def _set_threads(config: TrainConfig) -> None:

@@ -25,7 +25,7 @@ from .state import STATE_FILE, Counters, capture_rng, restore_rng, save_state, s
 #: Files a run writes; ``--overwrite`` removes exactly these (and nothing else) from RUN_DIR.
 RUN_FILES = (
     CONFIG_FILE, STATE_FILE, "last.safetensors", "best.safetensors", "ema.safetensors", "collapsed.safetensors",
-    "verification.json", "metrics.jsonl", "metrics.csv", "curves.png", "weights.png", "summary.json",
+    "verification.json", "metrics.jsonl", "metrics.csv", "curves.png", "weights.png", "gradient_confusion.png", "summary.json",
 )
 
 
@@ -185,6 +185,11 @@ def save(run: Run, parts: Parts, counters: Counters, *, end_of_epoch: bool) -> N
 
                     write_weight_bands(counters.history, run.run_dir / "weights.png",
                                        title=run_title(parts.model, run.config.data))
+                if any("grad_cos" in row for row in counters.history):
+                    from ..analysis.confusion import write_density
+
+                    write_density(counters.history, run.run_dir / "gradient_confusion.png",
+                                  title=run_title(parts.model, run.config.data))
         save_state(
             run.run_dir,
             model=parts.model.state_dict(),
