@@ -14,8 +14,6 @@ trajectory is bit-identical with and without it (tests/test_analysis.py).
 
 from __future__ import annotations
 
-import textwrap
-
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .._atomic import atomic_path
+from .figures import save_titled
+
 
 #: The paper's number of pairs.
 DEFAULT_PAIRS = 100
@@ -82,10 +81,7 @@ def write_density(history: list[dict[str, Any]], path: str | Path, title: str = 
         right.plot(grid, gaussian_kde(last, grid))
         right.set_xlabel(f"cosine similarity ({len(last)} pairs, epoch {rows[-1]['epoch']})")
         right.set_ylabel("density")
-        fig.suptitle(textwrap.fill(f"gradient confusion{': ' + title if title else ''}", 110), fontsize=9)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
+        save_titled(fig, path, "gradient confusion", title)
     finally:
         plt.close(fig)
 

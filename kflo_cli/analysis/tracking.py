@@ -13,8 +13,6 @@ composition and one sort per tracked layer per epoch.
 
 from __future__ import annotations
 
-import textwrap
-
 import fnmatch
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,8 +21,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .._atomic import atomic_path
 from ..errors import KfloError
+from .figures import save_titled
 
 #: The percentiles of the paper's Figure 3, largest first.
 PERCENTILES = (100, 93, 84, 69, 50, 31, 16, 7, 0)
@@ -125,10 +123,7 @@ def write_weight_bands(history: list[dict[str, Any]], path: str | Path, title: s
         for ax in list(axes.flat)[len(layers):]:
             ax.set_visible(False)
         axes.flat[0].legend(fontsize=7, loc="best")
-        fig.suptitle(textwrap.fill(f"weight percentiles per epoch{': ' + title if title else ''}", 110), fontsize=9)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
+        save_titled(fig, path, "weight percentiles per epoch", title)
     finally:
         plt.close(fig)
 
