@@ -438,6 +438,59 @@ def landscape(
     console.print(f"wrote {output} and {json_path}")
 
 
+@app.command("quant-check")
+@handle_errors
+def quant_check_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A kflo checkpoint (an expanded one is collapsed first, in memory).")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Also measure test accuracy with float and INT8 weights on this data set (see kflo train --data).")] = None,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Where the data set's files are.")] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of the random inputs (default: the checkpoint's).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+) -> None:
+    """INT8 readiness: per-channel symmetric INT8 weight quantization of every Conv/Linear layer, its error per layer
+    and end to end (and the accuracy drop with --data)."""
+    import json
+
+    from ._atomic import write_text_atomic
+    from .checkpoint import load, read_metadata
+    from .quant import quant_check
+    from .surgery import collapse, is_expanded
+    from .verify import check_options
+
+    meta = read_metadata(checkpoint)
+    if meta is None:
+        raise KfloError(f"{checkpoint} has no kflo metadata; convert or collapse it with kflo first")
+    size = _parse_size(input_size) or tuple(meta["input_size"])
+    check_options(input_size=size)
+    model = load(checkpoint)
+    if is_expanded(model):
+        model = collapse(model)
+    batches = None
+    if data is not None:
+        from .train.config import TrainConfig
+        from .train.loader import eval_loader, iterate
+        from .train.source import load_data
+
+        bundle = load_data(TrainConfig(source=str(checkpoint), data=data, data_dir=data_dir),
+                           in_chans=size[0], img_size=size[-1])
+        batches = list(iterate(eval_loader(bundle.test, 256)))
+    report = quant_check(model, size, data=batches)
+    table = Table(title=f"{checkpoint}: INT8 per-channel symmetric weights")
+    for col in ("layer", "shape", "min", "max", "max|w| / std", "relative error"):
+        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    for r in report.layers:
+        table.add_row(r.name, "x".join(map(str, r.shape)), f"{r.min:.3g}", f"{r.max:.3g}", f"{r.outlier:.1f}",
+                      f"{r.rel_error:.2e}")
+    console.print(table)
+    console.print(f"output relative error with INT8 weights: {report.output_rel_error:.2e} (random inputs, eval mode)")
+    if report.float_accuracy is not None:
+        console.print(f"test accuracy: float {report.float_accuracy:.2f} %, INT8 weights {report.int8_accuracy:.2f} % "
+                      f"({report.int8_accuracy - report.float_accuracy:+.2f} points)")
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
 @app.command()
 @handle_errors
 def inspect(path: Annotated[Path, typer.Argument(help="A kflo checkpoint (.safetensors).")]) -> None:

@@ -231,3 +231,4 @@ def test_an_operator_the_exporter_cannot_handle_is_named(tmp_path):
     message = str(info.value)
     assert "aten.kthvalue" in message and "--debug" in message and "\n" not in message
     assert not (tmp_path / "k.onnx").exists()
+
