@@ -40,7 +40,6 @@ from .reparam.execution import chosen_forms
 #: Bounds on the options (checked before anything is built).
 MAX_BATCH = 65_536
 MAX_STEPS = 100_000
-MAX_SIDE = 16_384
 MODES = ("kernel", "feature", "auto")
 
 
@@ -102,9 +101,10 @@ def _check_options(batch_size: int, steps: int, warmup: int, input_size: Sequenc
         raise KfloError(f"--steps {steps} is out of range; use an integer from 1 to {MAX_STEPS}")
     if not 0 <= warmup <= MAX_STEPS:
         raise KfloError(f"--warmup {warmup} is out of range; use an integer from 0 to {MAX_STEPS}")
-    if input_size is not None and (not 1 <= len(input_size) <= 4 or any(not 1 <= s <= MAX_SIDE for s in input_size)):
-        raise KfloError(f"--input-size {','.join(map(str, input_size))} is out of range; give C,H,W with each value "
-                        f"from 1 to {MAX_SIDE}")
+    if input_size is not None:
+        from .verify import check_options
+
+        check_options(input_size=input_size)  # the input-size bound every command shares
 
 
 def with_mode(specs: Sequence[Any], mode: str | None) -> list[Any]:
@@ -354,9 +354,9 @@ def bench(
     from .surgery import collapse
 
     _check_options(batch_size, steps, warmup, input_size)
-    if not 1 <= accumulate <= min(batch_size, 1024):
-        raise KfloError(f"--accumulate {accumulate} is out of range; use an integer from 1 to the batch size "
-                        f"({batch_size}) and at most 1024")
+    from .train.config import TrainConfig
+
+    TrainConfig(batch_size=batch_size, accumulate=accumulate).validate()  # kflo train's own --accumulate bound
     specs = with_mode(recipes, mode)
     if not specs:
         raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] (`kflo recipes` lists them)")
