@@ -31,8 +31,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.utils import parametrize
 
 from .errors import KfloError
 from .reparam.execution import chosen_forms
@@ -191,22 +189,18 @@ class _Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One training step exactly as kflo train takes it (its forward, loss, penalty and accumulation)."""
         from types import SimpleNamespace
 
-        from .train.loop import accumulated_backward
-        from .train.optim import optimizer_step, total_penalty
+        from .train.loop import accumulated_backward, forward_loss
+        from .train.optim import optimizer_step
 
         if self.config.accumulate > 1:  # kflo train's --accumulate: micro-batches, each kernel composed once
             accumulated_backward(SimpleNamespace(config=self.config), self, images, labels, None)
             optimizer_step(None, self.optimizer, self.model.parameters(), scaler=self.scaler)
             return
-        with parametrize.cached():
-            for module, name in self.parametrized:
-                getattr(module, name)
-            with self.autocast():
-                logits = self.net(images)
-            loss = F.cross_entropy(logits.float(), labels) + total_penalty(self.model, self.config).to(images.device)
-        optimizer_step(loss, self.optimizer, self.model.parameters(), scaler=self.scaler)
+        _, loss, penalty = forward_loss(self, self.config, images, labels, None)
+        optimizer_step(loss + penalty, self.optimizer, self.model.parameters(), scaler=self.scaler)
 
     def resident_bytes(self) -> int:
         """Parameters, buffers and optimizer state held between steps."""

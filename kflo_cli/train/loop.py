@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from ..errors import KfloError
+from .config import TrainConfig
 from . import report
 from .loader import epoch_batches, eval_loader, iterate, train_loader
 from .optim import optimizer_step, total_penalty
@@ -61,15 +62,7 @@ def train_step(run: Run, parts: Parts, counters: Counters, images: torch.Tensor,
     if config.accumulate > 1:
         loss, penalty, logits, total = accumulated_backward(run, parts, images, labels, teacher_logits)
     else:
-        # cached(): each composed weight is computed once per step, for the forward and the penalty alike, and
-        # here, outside autocast, so composition runs in float32 even with --amp (the layer's op casts after)
-        with parametrize.cached():
-            for module, name in parts.parametrized:
-                getattr(module, name)
-            with parts.autocast():
-                logits = parts.net(images)
-            loss = task_loss(logits, labels, teacher_logits, config.kd_alpha, config.kd_temperature)
-            penalty = total_penalty(parts.model, config).to(loss.device)
+        logits, loss, penalty = forward_loss(parts, config, images, labels, teacher_logits)
         total = loss + penalty
     n = labels.shape[0]
     stats = torch.stack([
@@ -89,6 +82,24 @@ def train_step(run: Run, parts: Parts, counters: Counters, images: torch.Tensor,
         parts.ema.update(parts.model)
     counters.add_step(float(stats[0]), float(stats[1]), float(stats[2]), float(penalty.detach()))
     return stats
+
+
+def forward_loss(parts: Any, config: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+                 teacher_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, task loss, recipes' penalty) of one batch, with the graph for backward.
+
+    ``parts`` needs ``parametrized``, ``autocast()``, ``net`` and ``model`` (:class:`Parts`, or kflo bench's trainer).
+    cached(): each composed weight is computed once, for the forward and the penalty alike, and here, outside
+    autocast, so composition runs in float32 even with --amp (the layer's op casts after).
+    """
+    with parametrize.cached():
+        for module, name in parts.parametrized:
+            getattr(module, name)
+        with parts.autocast():
+            logits = parts.net(images)
+        loss = task_loss(logits, labels, teacher_logits, config.kd_alpha, config.kd_temperature)
+        penalty = total_penalty(parts.model, config).to(loss.device)
+    return logits, loss, penalty
 
 
 def accumulated_backward(run: Run, parts: Parts, images: torch.Tensor, labels: torch.Tensor,
