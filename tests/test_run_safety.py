@@ -475,3 +475,13 @@ def test_readme_keeps_its_two_commands_and_says_how_to_install_cpu_torch():
     assert "python3 -m venv .venv && . .venv/bin/activate && pip install '.[test]' && python -m pytest -q\n" in text
     assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in text
     assert text.index("kflo quickstart\n") < text.index("whl/cpu")
+
+
+def test_the_wheel_ships_every_subpackage():
+    # `pip install .` (not editable) installs only the packages pyproject.toml lists: a new subpackage missing there
+    # breaks the installed CLI while every test run from the checkout passes
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kflo_cli").rglob("__init__.py")}
+    assert on_disk <= listed, on_disk - listed
