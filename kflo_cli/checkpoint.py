@@ -345,14 +345,64 @@ def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_plain_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a plain checkpoint of ``model``'s architecture into it, strictly (``--init-from``)."""
+def load_plain_weights(model: nn.Module, path: str | os.PathLike, *, new_classifier: bool = False,
+                       note: Callable[[str], None] | None = None) -> list[str]:
+    """Load a plain checkpoint of ``model``'s architecture into it, strictly (``--init-from``).
+
+    With ``new_classifier`` (transfer learning: ``kflo train``/``kflo expand --init-from``), a checkpoint trained for
+    another class count is accepted: the tensors whose shapes differ must all be the classifier's (see
+    :func:`classifier_mismatch`); they keep ``model``'s own fresh initialisation, everything else is loaded, and
+    ``note`` is told. Returns the names of the tensors left at their initialisation (empty when all loaded).
+    """
     meta = read_metadata(path)
     if meta is not None and meta["kind"] == "expanded":
         raise KfloError(f"{path} is an expanded kflo checkpoint; collapse it first (kflo collapse) to start from its function, or keep training it with kflo train FILE")
     tensors = load_tensors(path)
+    kept: list[str] = []
+    if new_classifier:
+        found = classifier_mismatch(model, tensors)
+        if found is not None:
+            kept, theirs, ours = found
+            tensors = {**tensors, **{k: v for k, v in model.state_dict().items() if k in kept}}
+            if note is not None:
+                note(f"{path} was trained for {theirs} classes and this model has {ours}: the classifier "
+                     f"({', '.join(kept)}) starts from a fresh initialisation, every other tensor from {path}")
     check_tensors_match(model, tensors, path, OTHER_ARCHITECTURE)
     load_into(model, tensors)
+    return kept
+
+
+def classifier_mismatch(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], int, int] | None:
+    """The classifier tensors that differ between ``model`` and a checkpoint for another class count, with the two
+    class counts, or None when the shapes do not differ that way.
+
+    A tensor counts as the classifier's when it is the weight or bias of a Linear or Conv module and its shape
+    differs only in the first (output) dimension. Every shape mismatch has to be of this kind, with one output size
+    on each side (the two class counts), and the model's side has to be its class count when the model knows it
+    (its record's ``num_classes``, or timm's ``num_classes`` attribute); anything else is another architecture
+    (None).
+    """
+    from .record import record
+
+    known = record(model).model_kwargs.get("num_classes") or getattr(model, "num_classes", None)
+    expected = model.state_dict()
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    if not wrong:
+        return None
+    owners = {f"{name}.{leaf}" for name, module in model.named_modules()
+              if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) for leaf in ("weight", "bias")}
+    sizes: set[tuple[int, int]] = set()
+    for key in wrong:
+        mine, other = tuple(expected[key].shape), tuple(tensors[key].shape)
+        if key not in owners or not mine or len(mine) != len(other) or mine[1:] != other[1:]:
+            return None
+        sizes.add((other[0], mine[0]))
+    if len(sizes) != 1:
+        return None
+    theirs, ours = sizes.pop()
+    if isinstance(known, int) and ours != known:
+        return None
+    return wrong, theirs, ours
 
 
 def read_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

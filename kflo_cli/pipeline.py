@@ -67,22 +67,26 @@ def transfer_tensors(model: nn.Module, path: str | os.PathLike) -> int:
     return len(tensors)
 
 
-def stack_sources(model: nn.Module, paths: Sequence[str | os.PathLike]) -> list[str]:
+def stack_sources(model: nn.Module, paths: Sequence[str | os.PathLike], note: Note | None = None) -> list[str]:
     """Start the expanded layers of ``model`` from several networks: ``model`` holds the first network's weights
     already; each further plain checkpoint of the same architecture is handed, layer by layer, to the recipes that
-    stack weights (KFLO transfer learning, paper section 4.1). Returns the names of the layers that stacked."""
+    stack weights (KFLO transfer learning, paper section 4.1). Returns the names of the layers that stacked.
+
+    A network trained for another class count has no classifier to give: that layer does not stack (it keeps the
+    expansion of its fresh initialisation), and ``note`` is told."""
     rec = record(model)
     states = []
+    fresh: set[str] = set()
     for path in paths:
         reference = create_model(rec.model_id, **rec.model_kwargs) if rec.model_id else None
         if reference is None:
             raise KfloError("stacking several --init-from networks needs a model built by kflo.create_model")
-        load_plain_weights(reference, path)
+        fresh.update(load_plain_weights(reference, path, new_classifier=True, note=note))
         states.append(reference.state_dict())
     done = []
     for layer in rec.layers:
         recipe = rec.recipe_of(layer)
-        if not recipe.stacks_weights:
+        if not recipe.stacks_weights or f"{layer.name}.weight" in fresh:
             continue
         weights = []
         for i, state in enumerate(states):
@@ -158,8 +162,8 @@ def expand_model(
         if kwargs or pretrained:
             raise KfloError("model_kwargs and pretrained apply to a model name; this model is already built")
         net = model
-    if init_from:
-        load_plain_weights(net, init_from[0])
+    if init_from:  # transfer learning: a checkpoint for another class count starts all but the classifier
+        load_plain_weights(net, init_from[0], new_classifier=True, note=say)
     # The transferred tensors replace the start of an --init-from-expanded expansion: expand as a rebuild (no
     # initialisation from the current weights, no warnings or refusals about a start that is thrown away).
     expand(net, selections, include=include, exclude=exclude, seed=seed, rebuilding=init_from_expanded is not None)
@@ -167,7 +171,7 @@ def expand_model(
         count = transfer_tensors(net, init_from_expanded)
         say(f"started from {count} tensors of {init_from_expanded}")
     if len(init_from) > 1:
-        stacked = stack_sources(net, init_from[1:])
+        stacked = stack_sources(net, init_from[1:], note=say)
         say(f"stacked {len(init_from)} pretrained networks into W_1 of {len(stacked)} layers")
     return net
 
@@ -181,6 +185,14 @@ def collapse_to_file(model: nn.Module, path: str | os.PathLike, *, dtype: torch.
     behind is caught before anything is written.
     """
     plain = collapse(model, dtype=dtype)
+    save_collapsed(plain, path, extra=extra)
+    return plain
+
+
+def save_collapsed(plain: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> None:
+    """Write a model :func:`~kflo_cli.collapse` returned, atomically, after checking it against a freshly built
+    architecture (its keys and shapes), so the file loads with ``strict=True`` into the unmodified model. The writer
+    of :func:`collapse_to_file`, for callers that verify the collapsed model before it is written."""
     rec = record(plain)
     if rec.model_id:
         reference = create_model(rec.model_id, **rec.model_kwargs).state_dict()
@@ -189,7 +201,7 @@ def collapse_to_file(model: nn.Module, path: str | os.PathLike, *, dtype: torch.
             raise KfloError(f"collapsing {rec.model_id} did not reproduce the original architecture's keys; this is a "
                             "bug in a recipe, please report it")
     save(plain, path, extra=extra)
-    return plain
 
 
-__all__ = ["collapse_to_file", "counterpart_specs", "expand_model", "rebuild", "stack_sources", "transfer_tensors"]
+__all__ = ["collapse_to_file", "counterpart_specs", "expand_model", "rebuild", "save_collapsed", "stack_sources",
+           "transfer_tensors"]

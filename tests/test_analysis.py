@@ -424,3 +424,40 @@ def test_track_gradient_confusion_leaves_the_training_unchanged(tmp_path):
     assert (tmp_path / "tracked" / "gradient_confusion.png").read_bytes()[:4] == b"\x89PNG"
     r = CliRunner().invoke(app, [*common, "--track", "gradient-confusion:pairs=0", "-o", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "pairs=0 is out of range" in r.stderr
+
+
+def test_methods_density_draws_one_line_per_method_per_panel(tmp_path, monkeypatch):
+    import json
+
+    from kflo_cli.analysis.confusion import last_similarities, methods_figure
+    from kflo_cli.sweep.report import confusion_plot
+
+    panels = {"lenet5 · digits": {"vanilla": [0.1, 0.2, 0.05], "expandnet-ck": [0.3, 0.35, 0.4, 0.2]}}
+    fig = methods_figure(panels)
+    (ax,) = fig.axes
+    assert len(ax.get_lines()) == 2 and ax.get_xlabel().startswith("cosine similarity") and ax.get_ylabel() == "density"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["vanilla (min +0.050, 3 pairs)", "expandnet-ck (min +0.200, 4 pairs)"]
+    # a sweep's runs that tracked it: the last epoch's similarities of each finished run, seeds pooled per method
+    rows = []
+    for method, seed, sims in (("vanilla", 0, [0.1, 0.2]), ("vanilla", 1, [0.05]), ("ck", 0, [0.3, 0.4]),
+                               ("ck", 1, None)):
+        run = tmp_path / "runs" / method / f"seed{seed}"
+        run.mkdir(parents=True)
+        if sims is not None:
+            lines = [{"epoch": 1, "grad_cos": [0.9]}, {"epoch": 2, "grad_cos": sims}]
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"epoch\": 3, \"grad")
+        rows.append({"model": "lenet5", "data": "digits", "method": method, "seed": seed, "status": "done",
+                     "run_dir": str(run.relative_to(tmp_path))})
+    assert last_similarities(tmp_path / "runs/vanilla/seed0") == (2, [0.1, 0.2])  # the cut last line is skipped
+    grid = type("G", (), {"name": "g"})()
+    out = tmp_path / "gradient_confusion.png"
+    seen = {}
+    import kflo_cli.analysis.confusion as confusion
+
+    real = confusion.write_methods_density
+    monkeypatch.setattr(confusion, "write_methods_density", lambda p, path, title="": (seen.update(p), real(p, path, title)))
+    assert confusion_plot(grid, rows, tmp_path, out)
+    assert seen == {"lenet5 · digits": {"vanilla": [0.1, 0.2, 0.05], "ck": [0.3, 0.4]}}
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    assert not confusion_plot(grid, [{**r, "status": "failed"} for r in rows], tmp_path, out) and not out.exists()

@@ -164,10 +164,13 @@ def test_init_from_expanded_is_refused(files, tmp_cwd):
 
 
 def test_init_from_another_architecture_names_the_likely_cause(files, tmp_cwd):
-    _, _, plain = files  # written for 5 classes
-    r = run("expand", "timm:test_resnet", "--num-classes", "7", "--recipe", "kflo", "--init-from", str(plain), "-o", "z.safetensors")
+    _, _, plain = files  # written for 5 classes and 3 input channels
+    r = run("expand", "timm:test_resnet", "--num-classes", "5", "--in-chans", "1", "--recipe", "kflo", "--init-from", str(plain), "-o", "z.safetensors")
     assert_user_error(r, "does not fit this model (wrong shape: ")
     assert "--num-classes" in r.output and not (tmp_cwd / "z.safetensors").exists()
+    # another class count is transfer learning: the classifier starts afresh, and the terminal says so
+    r = run("expand", "timm:test_resnet", "--num-classes", "7", "--recipe", "kflo", "--init-from", str(plain), "-o", "z.safetensors")
+    assert r.exit_code == 0 and "trained for 5 classes and this model has 7" in " ".join(r.output.split()), r.output
 
 
 def test_debug_shows_traceback(tmp_cwd):

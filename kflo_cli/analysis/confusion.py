@@ -86,4 +86,56 @@ def write_density(history: list[dict[str, Any]], path: str | Path, title: str = 
         plt.close(fig)
 
 
-__all__ = ["DEFAULT_PAIRS", "MAX_PAIRS", "gaussian_kde", "pair_similarities", "write_density"]
+def last_similarities(run_dir: str | Path) -> tuple[int, list[float]] | None:
+    """The epoch and the similarities of the last epoch a run measured (``metrics.jsonl``), or None."""
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by an interrupted run
+            continue
+        if isinstance(row, dict) and row.get("grad_cos"):
+            last = (int(row.get("epoch", 0)), [float(v) for v in row["grad_cos"]])
+    return last
+
+
+def methods_figure(panels: dict[str, dict[str, list[float]]]) -> Any:
+    """One axes per panel (e.g. model x data), one density line per method: the paper's Figure 3 layout. Each
+    method's list is its similarities (pooled over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for ax, (name, curves) in zip(axes.flat, panels.items()):
+        values = [v for sims in curves.values() for v in sims]
+        lo, hi = min(-0.2, min(values) - 0.05), max(0.2, max(values) + 0.05)
+        grid = [lo + (hi - lo) * i / 200 for i in range(201)]
+        for method, sims in curves.items():
+            ax.plot(grid, gaussian_kde(sims, grid), label=f"{method} (min {min(sims):+.3f}, {len(sims)} pairs)")
+        ax.set_xlabel("cosine similarity of mini-batch gradients")
+        ax.set_ylabel("density")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def write_methods_density(panels: dict[str, dict[str, list[float]]], path: str | Path, title: str = "") -> None:
+    """Write :func:`methods_figure` to ``path`` (PNG, atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = methods_figure(panels)
+    try:
+        save_titled(fig, path, "gradient confusion, last epoch", title)
+    finally:
+        plt.close(fig)
+
+
+__all__ = ["DEFAULT_PAIRS", "MAX_PAIRS", "gaussian_kde", "last_similarities", "methods_figure", "pair_similarities",
+           "write_density", "write_methods_density"]

@@ -96,8 +96,33 @@ def write_report(grid: Grid, root: str | Path, rows: list[dict[str, Any]] | None
     write_text_atomic(paths["md"], markdown(grid, rows, result_tables, str(root)))
     if not plot(grid, result_tables, paths["png"]):
         paths.pop("png").unlink(missing_ok=True)  # no finished run: no plot, not a stale one
+    confusion = root / "gradient_confusion.png"
+    if confusion_plot(grid, rows, root, confusion):
+        paths["confusion"] = confusion
     return {"paths": paths, "rows": rows, "tables": result_tables}
 
 
-__all__ = ["CELL_RECORD", "COLUMNS", "STDERR_LOG", "STDOUT_LOG", "TEST_NAME", "collect", "config_differences",
+def confusion_plot(grid: Grid, rows: list[dict[str, Any]], root: Path, path: Path) -> bool:
+    """gradient_confusion.png: for runs that tracked gradient confusion (``track = ["gradient-confusion"]``), the
+    density of the last epoch's gradient cosine similarities per method, seeds pooled, one panel per model x data
+    (ExpandNets Figure 3). False (and no file) when no finished run tracked it."""
+    from ..analysis.confusion import last_similarities, write_methods_density
+
+    panels: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        if row.get("status") != "done" or not row.get("run_dir"):
+            continue
+        run_dir = Path(row["run_dir"])
+        found = last_similarities(run_dir if run_dir.is_absolute() else root / run_dir)
+        if found is not None:
+            panel = panels.setdefault(f"{row['model']} · {row['data']}", {})
+            panel.setdefault(str(row["method"]), []).extend(found[1])
+    if not panels:
+        path.unlink(missing_ok=True)
+        return False
+    write_methods_density(panels, path, f"{grid.name}, seeds pooled")
+    return True
+
+
+__all__ = ["CELL_RECORD", "confusion_plot", "COLUMNS", "STDERR_LOG", "STDOUT_LOG", "TEST_NAME", "collect", "config_differences",
            "deployed_accuracy", "expected_config", "markdown", "plot", "read_json", "run_row", "tables", "write_report"]

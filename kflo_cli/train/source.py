@@ -241,7 +241,7 @@ def prepare(config: TrainConfig, data: Any = None) -> Prepared:
         raise KfloError("several --init-from networks are stacked by a recipe (kflo); add --recipe kflo:width=N for N "
                         "networks, or pass one --init-from")
     elif init_from:
-        load_plain_weights(model, init_from[0])
+        load_plain_weights(model, init_from[0], new_classifier=True, note=notes.append)
     vanilla = not is_expanded(model)
     return Prepared(model, data, (data.in_chans, data.img_size, data.img_size), vanilla, "; ".join(notes), args)
 
