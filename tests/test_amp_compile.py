@@ -75,3 +75,33 @@ def test_accumulate_is_bounded_and_refused_with_compile(tmp_path):
     r = runner.invoke(app, ["train", "lenet5", "--recipe", "kflo", *TINY, "--accumulate", "2", "--compile", "-o",
                             str(tmp_path / "r")])
     assert r.exit_code == 2 and "--accumulate is not supported with --compile" in r.stderr
+
+
+def _resumed_equals_uninterrupted(tmp_path, recipe: str, *flags: str) -> None:
+    """A run stopped after 5 steps and resumed ends bit for bit where the uninterrupted run ends: the weights, the
+    EMA, and (with --amp, --compile) whatever the precision and the compiler change."""
+    common = ["train", "lenet5", "--recipe", recipe, *flags, *TINY[:-4], "--epochs", "2", "--threads", "1", "--ema", "0.9"]
+    r = runner.invoke(app, [*common, "-o", str(tmp_path / "full")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*common, "--stop-after-steps", "5", "-o", str(tmp_path / "part")])
+    assert r.exit_code == 130, r.output
+    r = runner.invoke(app, ["train", "--resume", str(tmp_path / "part")])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "part" / "config.json").read_text())
+    assert all(config[k] for k in ("ema", *(f.lstrip("-") for f in flags)))  # resume kept the options
+    for name in ("last", "ema", "collapsed"):
+        a = load_file(str(tmp_path / "full" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "part" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((tmp_path / "part" / "verification.json").read_text())["verification"]["passed"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_amp_with_ema_resumes_exactly_for_every_recipe(tmp_path, recipe):
+    _resumed_equals_uninterrupted(tmp_path, recipe, "--amp")
+
+
+@pytest.mark.slow
+def test_compile_with_amp_and_ema_resumes_exactly(tmp_path):
+    _resumed_equals_uninterrupted(tmp_path, "kflo:decay=factors", "--compile", "--amp")

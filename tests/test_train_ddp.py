@@ -77,3 +77,19 @@ def test_ema_numbers_under_ddp_are_those_of_the_saved_ema(tmp_path):
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert abs(row["ema_test_loss"] - ema_loss) < 1e-4 * max(1.0, ema_loss)
     assert abs(json.loads((run / "summary.json").read_text())["collapsed"]["test_acc"] - plain_acc) < 1e-6
+
+
+def test_compile_and_amp_under_ddp_with_ema(tmp_path):
+    """torch.compile and bfloat16 autocast on both ranks of a parametrized (KFLO) model under DDP, with an EMA: the
+    ranks stay identical and the collapse is exact."""
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kflo_cli",
+           "train", "lenet5", "--recipe", "kflo", "--data", "digits", "--train-fraction", "0.25", "--epochs", "1",
+           "--batch-size", "16", "--threads", "1", "--ema", "0.9", "--compile", "--amp", "-o", str(run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled_timeout(600), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_identical"] is True
+    assert summary["collapsed"]["verification"]["passed"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["compile"] and config["amp"] and config["ema"] == 0.9
