@@ -28,6 +28,7 @@ _EXPORTS = {
     **dict.fromkeys(("LayerContext", "Param", "ParamRole", "Recipe", "RecipeSpec", "WeightRecipe", "create_recipe",
                      "get_recipe", "list_recipes", "register_recipe"), "reparam"),
     **dict.fromkeys(("decay_penalty", "param_roles", "step_scales"), "roles"),
+    "param_groups": "train.optim",
     **dict.fromkeys(("collapse", "collapse_problem", "expand", "is_expanded", "plan", "rewritten_layers"), "surgery"),
     **dict.fromkeys(("EquivalenceReport", "verify_equivalence"), "verify"),
     **dict.fromkeys(("BenchResult", "bench"), "bench"),
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover - what the names are, for type checkers an
     )
     from .roles import decay_penalty, param_roles, step_scales
     from .surgery import collapse, collapse_problem, expand, is_expanded, plan, rewritten_layers
+    from .train.optim import param_groups
     from .verify import EquivalenceReport, verify_equivalence
     from .bench import BenchResult, bench
     from .export import ExportReport, export_model
@@ -175,6 +177,7 @@ __all__ = [
     "list_recipes",
     "load",
     "load_plain_weights",
+    "param_groups",
     "param_roles",
     "plan",
     "read_metadata",

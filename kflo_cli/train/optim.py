@@ -74,6 +74,38 @@ def build_param_groups(model: nn.Module, config: TrainConfig) -> list[GroupSpec]
     return list(groups.values())
 
 
+#: Keys of the groups :func:`param_groups` returns: the decay they were built for (the run's) and whether 1-D
+#: parameters take it, so a trainer that regroups them (:class:`kflo_cli.lightning.KfloCallback`) changes nothing.
+BASE_DECAY = "kflo_base_decay"
+NORM_BIAS = "kflo_decay_norm_bias"
+
+
+def rules_config(weight_decay: float, *, adaptive: bool = False, decay_norm_bias: bool = True) -> TrainConfig:
+    """A configuration holding the three settings :func:`build_param_groups` reads (for loops other than kflo's)."""
+    return TrainConfig(weight_decay=float(weight_decay), decay_norm_bias=decay_norm_bias,
+                       optimizer=ADAPTIVE_OPTIMIZERS[0] if adaptive else "sgd")
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, adaptive: bool = False,
+                 decay_norm_bias: bool = True) -> list[dict[str, Any]]:
+    """The recipes' optimizer parameter groups of ``model``, for any ``torch.optim`` optimizer in your own loop.
+
+    Each group has the weight decay its parameters' roles ask for (:func:`kflo_cli.param_roles`): ``weight_decay``
+    for ordinary parameters (with ``decay_norm_bias=False`` none on 1-D ones, kflo train's default), none where the
+    decay goes on the composed weight (add :func:`kflo_cli.decay_penalty` to the loss), a recipe's own number where
+    it fixes one. ``adaptive=True`` (AdamW) gives the groups with the modified adaptive step no decay:
+    :class:`ModifiedAdaptiveStep` then applies it.
+
+    >>> import kflo_cli as kflo, torch
+    >>> m = kflo.expand(kflo.create_model("lenet5"), "kflo")
+    >>> opt = torch.optim.SGD(kflo.param_groups(m, 5e-4), lr=0.01, momentum=0.9)
+    >>> sorted({g["kflo_label"]: g["weight_decay"] for g in opt.param_groups}.items())[0]
+    ('kflo-cascade', 1e-09)
+    """
+    specs = build_param_groups(model, rules_config(weight_decay, adaptive=adaptive, decay_norm_bias=decay_norm_bias))
+    return [{**group, BASE_DECAY: float(weight_decay), NORM_BIAS: decay_norm_bias} for group in torch_param_groups(specs)]
+
+
 def total_penalty(model: nn.Module, config: TrainConfig) -> torch.Tensor:
     """The loss term of the recipes' composed-weight decays (:func:`kflo_cli.roles.decay_penalty`)."""
     return decay_penalty(model, config.weight_decay)
@@ -88,22 +120,20 @@ def penalty_rows(model: nn.Module, config: TrainConfig) -> list[tuple[str, int, 
     return [(label, n, decay) for (label, decay), n in rows.items()]
 
 
+def torch_param_groups(groups: list[GroupSpec]) -> list[dict[str, Any]]:
+    """The optimizer's parameter-group dicts of ``groups``: each its own weight decay (0 for groups with the modified
+    adaptive step, whose decay :class:`ModifiedAdaptiveStep` applies) and kflo's label and decay, for the table."""
+    return [{"params": g.params, "weight_decay": 0.0 if g.scaled else g.weight_decay, "kflo_label": g.label,
+             "kflo_decay": g.weight_decay} for g in groups]
+
+
 def build_optimizer(groups: list[GroupSpec], config: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, nesterov) or AdamW over the groups, each with its own weight decay.
 
     Groups with the modified adaptive step are given ``weight_decay=0``: :class:`ModifiedAdaptiveStep` applies
     their (decoupled) decay itself so that it is not multiplied by the step scale.
     """
-    torch_groups: list[dict[str, Any]] = []
-    for g in groups:
-        torch_groups.append(
-            {
-                "params": g.params,
-                "weight_decay": 0.0 if g.scaled else g.weight_decay,
-                "kflo_label": g.label,
-                "kflo_decay": g.weight_decay,
-            }
-        )
+    torch_groups = torch_param_groups(groups)
     fused = fused_supported([p for g in groups for p in g.params])
     if config.optimizer == "sgd":
         return torch.optim.SGD(torch_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
@@ -136,10 +166,13 @@ class ModifiedAdaptiveStep:
     dL/dPsi; after the step it multiplies the optimizer's update by s. Decoupled weight decay is applied
     before, unscaled, as AdamW would. Entries where s is 0 get no update.
 
-    It hooks the optimizer's ``step``, so a step skipped by AMP's GradScaler is skipped here too.
+    It hooks the optimizer's ``step``, so a step skipped by AMP's GradScaler is skipped here too. With
+    ``pre_hook=False`` only the update is hooked and the caller runs :meth:`prepare` between backward and the step
+    (PyTorch Lightning runs backward inside ``optimizer.step(closure)``, after the step's pre-hooks).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[GroupSpec]) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[GroupSpec], *,
+                 pre_hook: bool = True) -> None:
         self.model = model
         self.optimizer = optimizer
         self.targets: list[tuple[str, nn.Parameter, float]] = []
@@ -149,12 +182,17 @@ class ModifiedAdaptiveStep:
         self._saved: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
         self._handles = []
         if self.targets:
-            self._handles.append(optimizer.register_step_pre_hook(self._before))
+            if pre_hook:
+                self._handles.append(optimizer.register_step_pre_hook(self._before))
             self._handles.append(optimizer.register_step_post_hook(self._after))
 
     @property
     def active(self) -> bool:
         return bool(self.targets)
+
+    def prepare(self) -> None:
+        """The work of the step's pre-hook (decay, gradients divided by the scales), for ``pre_hook=False``."""
+        self._before(self.optimizer, (), {})
 
     @torch.no_grad()
     def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -263,6 +301,7 @@ def optimizer_step(
 
 
 __all__ = [
+    "BASE_DECAY",
     "GroupSpec",
     "ModifiedAdaptiveStep",
     "Schedule",
@@ -270,7 +309,11 @@ __all__ = [
     "build_param_groups",
     "effective_decay",
     "fused_supported",
+    "NORM_BIAS",
     "optimizer_step",
+    "param_groups",
     "penalty_rows",
+    "rules_config",
+    "torch_param_groups",
     "total_penalty",
 ]
