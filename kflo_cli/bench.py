@@ -81,6 +81,10 @@ class BenchResult:
     memory_expanded: int
     memory_ratio: float
     memory_method: str
+    #: The issue's memory target: 1.3 x vanilla's peak + what the expansion must hold between steps beyond vanilla
+    #: (its extra parameters, their gradients and optimizer state), in bytes; and whether the peak is within it.
+    memory_allowance: int
+    memory_within_target: bool
     infer_vanilla: Timing
     infer_collapsed: Timing
     infer_ratio: float
@@ -215,6 +219,16 @@ class _Trainer:
                 seen.add(key)
                 total += t.untyped_storage().nbytes()
         return total
+
+
+def _state_bytes(trainer: _Trainer) -> int:
+    """What a model holds between steps: :meth:`_Trainer.resident_bytes` plus a gradient per trainable parameter."""
+    grads = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    return trainer.resident_bytes() + grads
+
+
+#: The issue's memory target: a step's peak at most this times vanilla's, beyond the expansion's extra state.
+MEMORY_TARGET = 1.3
 
 
 def _peak_step_bytes(trainer: _Trainer, images: torch.Tensor, labels: torch.Tensor) -> int:
@@ -413,6 +427,8 @@ def bench(
     say("memory", done[0], total)
     memory_vanilla = _peak_step_bytes(plain_trainer, images, labels)
     memory_expanded = _peak_step_bytes(expanded_trainer, images, labels)
+    extra_state = max(0, _state_bytes(expanded_trainer) - _state_bytes(plain_trainer))
+    allowance = int(MEMORY_TARGET * memory_vanilla + extra_state)
 
     say("collapse", done[0] + 1, total)
     expanded.eval()
@@ -447,9 +463,10 @@ def bench(
         step_vanilla=step_v, step_expanded=step_e, step_ratio=step_e.median / step_v.median,
         memory_vanilla=memory_vanilla, memory_expanded=memory_expanded,
         memory_ratio=memory_expanded / memory_vanilla if memory_vanilla else float("nan"), memory_method=method,
+        memory_allowance=allowance, memory_within_target=memory_expanded <= allowance,
         infer_vanilla=inf_v, infer_collapsed=inf_c, infer_ratio=inf_c.median / inf_v.median,
         expand_seconds=expand_seconds, collapse_seconds=collapse_seconds, layers=_layer_rows(expanded, forms),
     )
 
 
-__all__ = ["BenchResult", "Timing", "bench", "with_mode"]
+__all__ = ["BenchResult", "MEMORY_TARGET", "Timing", "bench", "with_mode"]

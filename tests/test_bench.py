@@ -25,6 +25,10 @@ def test_bench_measures_both_models_and_collapses_to_the_original_size():
     assert r.step_ratio == pytest.approx(r.step_expanded.median / r.step_vanilla.median)
     # the expansion holds ~5x the parameters (+ momentum): its resident bytes alone exceed vanilla's
     assert r.memory_expanded > r.memory_vanilla > 0
+    # the target's allowance: 1.3x vanilla's peak + the extra state, float32 parameter + gradient + SGD momentum
+    extra = 4 * 3 * (r.params_training - r.params_vanilla)
+    assert r.memory_allowance == int(1.3 * r.memory_vanilla + extra)
+    assert r.memory_within_target == (r.memory_expanded <= r.memory_allowance)
     assert r.expand_seconds > 0 and r.collapse_seconds > 0
     assert {row["recipe"] for row in r.layers} == {"kflo"} and len(r.layers) == 5
 

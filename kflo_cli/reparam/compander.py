@@ -86,6 +86,24 @@ def auto_a(max_abs_weight: float, fn: str) -> float:
     return max(AUTO_FLOOR, _ceil_cent(max_abs_weight / COMPANDERS[fn].auto_ratio))
 
 
+class _FixedCompand(torch.autograd.Function):
+    """``a * f(v / b)`` for fixed ``a`` and ``b``, saving only ``v`` for backward (the gradient
+    ``a / b * f'(v / b)`` is recomputed there), instead of autograd's intermediates: one weight-sized tensor less
+    per layer in a training step's peak memory (docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, a: float | torch.Tensor, b: float, fn: str) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(v, a if isinstance(a, torch.Tensor) else None)
+        ctx.scale, ctx.b, ctx.fn = a, b, fn
+        return a * COMPANDERS[fn].f(v / b)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
+        v, a = ctx.saved_tensors
+        a = ctx.scale if a is None else a
+        return grad * (a / ctx.b) * COMPANDERS[ctx.fn].slope(v / ctx.b), None, None, None
+
+
 class CompanderParametrization(nn.Module):
     """``forward() = a * f(v / b)``.
 
@@ -107,6 +125,8 @@ class CompanderParametrization(nn.Module):
         self.b = b
 
     def forward(self) -> torch.Tensor:
+        if not self.learnable and not isinstance(self.b, torch.Tensor):  # fixed a and b: the lean autograd form
+            return _FixedCompand.apply(self.v, self.a, float(self.b), self.fn)
         return self.a * COMPANDERS[self.fn].f(self.v / self.b)
 
     @torch.no_grad()
