@@ -461,3 +461,48 @@ def test_methods_density_draws_one_line_per_method_per_panel(tmp_path, monkeypat
     assert seen == {"lenet5 · digits": {"vanilla": [0.1, 0.2, 0.05], "ck": [0.3, 0.4]}}
     assert out.read_bytes()[:8] == PNG_SIGNATURE
     assert not confusion_plot(grid, [{**r, "status": "failed"} for r in rows], tmp_path, out) and not out.exists()
+
+
+def test_gradient_confusion_over_the_composed_weights_is_the_collapsed_networks(tmp_path):
+    """params=composed compares the gradients of the composed weights: for y = W' x with loss sum(y), a batch's
+    gradient is its summed input, whatever the factors, so the similarities are those of the inputs (the
+    hand-computed case above); over the trained factors they differ."""
+    from kflo_cli.analysis.confusion import pair_similarities
+    from kflo_cli.train.engine import composed_view
+
+    torch.manual_seed(0)
+    model = kflo.expand(torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False)), "kflo:depth=2,width=4")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    batches = [(torch.tensor([[1.0, 0.0]]), None), (torch.tensor([[1.0, 1.0]]), None),
+               (torch.tensor([[0.0, 2.0]]), None), (torch.tensor([[0.0, -1.0]]), None)]
+    loss = lambda out, _: out.sum()  # noqa: E731
+    assert pair_similarities(composed_view(model), batches, loss) == pytest.approx([2 ** -0.5, -1.0])
+    trained = pair_similarities(model, batches, loss)
+    assert trained[0] != pytest.approx(2 ** -0.5, abs=1e-3)
+
+
+def test_track_gradient_confusion_of_both_parameterizations(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kflo_cli.cli import app
+
+    common = ["train", "lenet5", "--data", "digits", "--epochs", "1", "--train-fraction", "0.2", "--batch-size", "32",
+              "--threads", "1"]
+    r = CliRunner().invoke(app, [*common, "--recipe", "kflo", "--track", "gradient-confusion:pairs=4,params=both",
+                                 "-o", str(tmp_path / "both")])
+    assert r.exit_code == 0, r.output
+    (row,) = [json.loads(line) for line in (tmp_path / "both" / "metrics.jsonl").read_text().splitlines()]
+    assert len(row["grad_cos"]) == len(row["grad_cos_composed"]) == 4
+    assert row["grad_cos_composed_min"] == min(row["grad_cos_composed"])
+    assert row["grad_cos"] != row["grad_cos_composed"]  # the two parameterizations' gradients differ
+    # a structural recipe's collapse is another function in training mode: refused before the run starts
+    r = CliRunner().invoke(app, [*common, "--recipe", "acnet", "--track", "gradient-confusion:params=composed",
+                                 "-o", str(tmp_path / "acnet")])
+    assert r.exit_code == 2 and "acnet does not have" in " ".join(r.stderr.split())
+    assert not (tmp_path / "acnet" / "metrics.jsonl").exists()
+    r = CliRunner().invoke(app, [*common, "--track", "gradient-confusion:params=factors", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "params=factors is unknown" in r.stderr

@@ -71,14 +71,24 @@ def write_density(history: list[dict[str, Any]], path: str | Path, title: str = 
         epochs = [r["epoch"] for r in rows]
         left.plot(epochs, [r["grad_cos_min"] for r in rows], marker="o", label="minimum (gradient confusion)")
         left.plot(epochs, [r["grad_cos_mean"] for r in rows], marker=".", label="mean")
+        composed = [r for r in rows if r.get("grad_cos_composed")]
+        if composed:  # params=both: the composed weights' gradients beside the trained parameters'
+            left.plot([r["epoch"] for r in composed], [r["grad_cos_composed_min"] for r in composed], marker="s",
+                      linestyle="--", label="minimum, composed weights")
+            left.plot([r["epoch"] for r in composed], [r["grad_cos_composed_mean"] for r in composed], marker=".",
+                      linestyle="--", label="mean, composed weights")
         left.xaxis.set_major_locator(MaxNLocator(integer=True))
         left.set_xlabel("epoch")
         left.set_ylabel("gradient cosine similarity")
         left.legend(fontsize=7)
         last = rows[-1]["grad_cos"]
-        lo, hi = min(-0.2, min(last) - 0.05), max(0.2, max(last) + 0.05)
+        other = rows[-1].get("grad_cos_composed") or []
+        lo, hi = min(-0.2, min(last + other) - 0.05), max(0.2, max(last + other) + 0.05)
         grid = [lo + (hi - lo) * i / 200 for i in range(201)]
-        right.plot(grid, gaussian_kde(last, grid))
+        right.plot(grid, gaussian_kde(last, grid), label="trained parameters")
+        if other:
+            right.plot(grid, gaussian_kde(other, grid), linestyle="--", label="composed weights")
+            right.legend(fontsize=7)
         right.set_xlabel(f"cosine similarity ({len(last)} pairs, epoch {rows[-1]['epoch']})")
         right.set_ylabel("density")
         save_titled(fig, path, "gradient confusion", title)

@@ -28,6 +28,9 @@ from .figures import save_titled
 PERCENTILES = (100, 93, 84, 69, 50, 31, 16, 7, 0)
 #: What ``--track`` accepts.
 TRACKERS = ("weights", "gradient-confusion")
+#: Which gradients gradient confusion compares (docs/analysis.md): the trained parameters (an expansion's factors),
+#: the composed weights (the collapsed network's parameters at the same function), or both.
+CONFUSION_PARAMS = ("trained", "composed", "both")
 #: At most this many layers are drawn in weights.png (all are recorded).
 MAX_PANELS = 12
 
@@ -39,14 +42,16 @@ def parse_track(spec: str) -> tuple[str, dict[str, str]]:
     if name not in TRACKERS:
         raise KfloError(f"--track {spec}: unknown measurement '{name}'; use {' or '.join(TRACKERS)} "
                         "(e.g. --track weights:layers='features.*' or --track gradient-confusion:pairs=100)")
-    allowed = {"weights": "layers", "gradient-confusion": "pairs"}[name]
+    allowed = {"weights": ("layers",), "gradient-confusion": ("pairs", "params")}[name]
     options: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or key.strip() != allowed or not value.strip():
-            raise KfloError(f"--track {spec}: '{item}' is not {allowed}=...; write --track weights:layers=GLOB or "
-                            "--track gradient-confusion:pairs=P")
-        options[allowed] = value.strip()
+        if not eq or key.strip() not in allowed or not value.strip():
+            raise KfloError(f"--track {spec}: '{item}' is not {'= or '.join(allowed)}=...; write --track "
+                            "weights:layers=GLOB or --track gradient-confusion:pairs=P,params=trained|composed|both")
+        options[key.strip()] = value.strip()
+    if options.get("params", "trained") not in CONFUSION_PARAMS:
+        raise KfloError(f"--track {spec}: params={options['params']} is unknown; use {', '.join(CONFUSION_PARAMS)}")
     if "pairs" in options:
         from .confusion import MAX_PAIRS
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.nn as nn
 from rich.markup import escape
 
 from .._atomic import remove_stale_temps
@@ -134,15 +135,20 @@ def tracked(run: Run, parts: Parts, epoch: int) -> dict[str, Any]:
                                 "--recipe ... --dry-run` for the layer names")
             out["weights"] = weight_bands(parts.model, layers)
         elif name == "gradient-confusion" and run.dist.is_main:
-            out.update(gradient_confusion(run, parts, int(options.get("pairs", 100)), epoch))
+            params = options.get("params", "trained")
+            for wrt in (("trained", "composed") if params == "both" else (params,)):
+                out.update(gradient_confusion(run, parts, int(options.get("pairs", 100)), epoch, wrt))
     return out
 
 
-def gradient_confusion(run: Run, parts: Parts, pairs: int, epoch: int) -> dict[str, Any]:
+def gradient_confusion(run: Run, parts: Parts, pairs: int, epoch: int, wrt: str = "trained") -> dict[str, Any]:
     """Cosine similarities of the gradients of ``pairs`` pairs of training mini-batches (a copy of the model, its own
-    seeded batches, every RNG state restored: the training does not change); see kflo_cli/analysis/confusion.py."""
+    seeded batches, every RNG state restored: the training does not change); see kflo_cli/analysis/confusion.py.
+
+    ``wrt="composed"`` takes the gradients of the collapsed copy (the composed weights, same function, same batches);
+    its keys are ``grad_cos_composed*``."""
     from ..analysis.confusion import pair_similarities
-    from ..surgery import copy_model
+    from ..surgery import copy_model, is_expanded
     from .loader import iterate, train_loader
     from .state import capture_rng, restore_rng
 
@@ -154,13 +160,58 @@ def gradient_confusion(run: Run, parts: Parts, pairs: int, epoch: int) -> dict[s
         picks = torch.randint(len(run.data.train), (2 * pairs, size), generator=generator).tolist()
         # (stream, index) keys of the training loader: a stream no training epoch uses, so augmentation differs
         batches = [[(1_000_000 + epoch, i) for i in rows] for rows in picks]
-        model = copy_model(parts.model).train()
+        model = copy_model(parts.model)
+        if wrt == "composed" and is_expanded(model):
+            model = composed_view(model)
+        model.train()
         device = run.dist.device
         data = [(x.to(device), y.to(device)) for x, y in iterate(train_loader(run.data.train, batches, seed=config.seed))]
         sims = pair_similarities(model, data, lambda out, y: task_loss(out, y, None, 0.0, 1.0))
     finally:
         restore_rng(rng)
-    return {"grad_cos_min": min(sims), "grad_cos_mean": sum(sims) / len(sims), "grad_cos": sims}
+    key = "grad_cos" if wrt == "trained" else "grad_cos_composed"
+    return {f"{key}_min": min(sims), f"{key}_mean": sum(sims) / len(sims), key: sims}
+
+
+def composed_view(model: nn.Module) -> nn.Module:
+    """The collapsed network of an expanded ``model``, for gradients with respect to the composed weights (refused
+    where that is not the same function in training mode: :func:`composed_problem`)."""
+    from ..surgery import collapse
+
+    problem = composed_problem(model)
+    if problem is not None:
+        raise KfloError(problem)
+    return collapse(model)
+
+
+def composed_problem(model: nn.Module) -> str | None:
+    """Why the collapsed network is not the same function as ``model`` in training mode, or None. Weight recipes
+    compose weights and keep it; a structural recipe such as ACNet folds BatchNorms that normalise by batch
+    statistics in training."""
+    from ..reparam.base import WeightRecipe
+    from ..surgery import rewritten_layers
+
+    structural = sorted({recipe.name for _, _, recipe in rewritten_layers(model) if not isinstance(recipe, WeightRecipe)})
+    if structural:
+        return (f"--track gradient-confusion:params=composed needs a training-mode function equal to the collapsed "
+                f"network's, which {', '.join(structural)} does not have (its collapse folds BatchNorms); use "
+                "params=trained")
+    return None
+
+
+def check_tracking(config: TrainConfig, model: nn.Module) -> None:
+    """Refuse, before the run starts, a ``--track`` measurement this model cannot give."""
+    from ..analysis.tracking import parse_track, tracked_layers
+
+    for spec in config.track:
+        name, options = parse_track(spec)
+        if name == "weights" and not tracked_layers(model, options.get("layers")):
+            raise KfloError(f"--track {spec}: no filtering layer matches; see `kflo expand {config.source} "
+                            "--recipe ... --dry-run` for the layer names")
+        if name == "gradient-confusion" and options.get("params", "trained") != "trained":
+            problem = composed_problem(model)
+            if problem is not None:
+                raise KfloError(problem)
 
 
 def _set_threads(config: TrainConfig) -> None:
@@ -238,6 +289,7 @@ def start(
         run = make_run(config, run_dir, dist, prepared, console=out, stop=stop, progress=progress, run_id=run_id)
         _announce_recipe_file_settings(run)
         parts = build_parts(run, prepared.model)
+        check_tracking(config, parts.model)
         # The loop's own random stream (dropout), distinct per rank; data randomness is seeded per sample.
         seed_everything(stream_seed(config.seed, 0xD0, dist.rank))
         if dist.is_main:
