@@ -384,6 +384,8 @@ def print_bench(r: Any) -> None:
                       f"{r.macs_feature_form / r.macs_vanilla:.2f}x")
     table.add_row("training step, median (min-max)", ms(r.step_vanilla), ms(r.step_expanded), f"{r.step_ratio:.2f}x")
     table.add_row("peak training memory", mb(r.memory_vanilla), mb(r.memory_expanded), f"{r.memory_ratio:.2f}x")
+    table.add_row("memory target (1.3x vanilla + extra state)", "", mb(r.memory_allowance),
+                  "within" if r.memory_within_target else "over")
     table.add_row("inference (collapsed)", ms(r.infer_vanilla), ms(r.infer_collapsed), f"{r.infer_ratio:.2f}x")
     table.add_row("expand / collapse", "", f"{r.expand_seconds:.2f} s / {r.collapse_seconds:.2f} s", "")
     console.print(table)
@@ -442,21 +444,34 @@ def landscape(
 @handle_errors
 def quant_check_command(
     checkpoint: Annotated[Path, typer.Argument(help="A kflo checkpoint (an expanded one is collapsed first, in memory).")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Also measure test accuracy with float and INT8 weights on this data set (see kflo train --data).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Calibrate INT8 activations on its training split and measure test accuracy for float, W8, A8 and W8A8 (see kflo train --data).")] = None,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Where the data set's files are.")] = None,
+    calib_batches: Annotated[int, typer.Option("--calib-batches", help="Training batches of 128 images the activation ranges are observed on (with --data).")] = 8,
+    observer: Annotated[str, typer.Option("--observer", help="Activation range observer: minmax (the whole calibrated range) or histogram (PyTorch's L2-optimal clipping).")] = "minmax",
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of the random inputs (default: the checkpoint's).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: PyTorch's).")] = None,
 ) -> None:
-    """INT8 readiness: per-channel symmetric INT8 weight quantization of every Conv/Linear layer, its error per layer
-    and end to end (and the accuracy drop with --data)."""
+    """INT8 readiness: per-channel symmetric INT8 weights of every Conv/Linear layer and, with --data, calibrated
+    per-tensor INT8 activations at their inputs; errors per layer and end to end, and the accuracy drop."""
     import json
+
+    import torch
 
     from ._atomic import write_text_atomic
     from .checkpoint import load, read_metadata
-    from .quant import quant_check
+    from .quant import CALIB_BATCH_SIZE, OBSERVERS, calibration_batches, quant_check
     from .surgery import collapse, is_expanded
     from .verify import check_options
 
+    if calib_batches < 1:
+        raise KfloError(f"--calib-batches {calib_batches} must be at least 1 (each batch is {CALIB_BATCH_SIZE} training images)")
+    if observer not in OBSERVERS:
+        raise KfloError(f"--observer {observer} is not one of {', '.join(OBSERVERS)}")
+    if threads is not None:
+        if not 1 <= threads <= 1024:
+            raise KfloError(f"--threads {threads} is out of range; use an integer from 1 to 1024")
+        torch.set_num_threads(threads)
     meta = read_metadata(checkpoint)
     if meta is None:
         raise KfloError(f"{checkpoint} has no kflo metadata; convert or collapse it with kflo first")
@@ -465,27 +480,56 @@ def quant_check_command(
     model = load(checkpoint)
     if is_expanded(model):
         model = collapse(model)
-    batches = None
+    batches = calib = None
     if data is not None:
         from .train.config import TrainConfig
         from .train.loader import eval_loader, iterate
         from .train.source import load_data
 
-        bundle = load_data(TrainConfig(source=str(checkpoint), data=data, data_dir=data_dir),
+        # augment=False: calibration images are training images as the model sees them at test time.
+        bundle = load_data(TrainConfig(source=str(checkpoint), data=data, data_dir=data_dir, augment=False),
                            in_chans=size[0], img_size=size[-1])
+        calib = calibration_batches(bundle.train, calib_batches)
         batches = list(iterate(eval_loader(bundle.test, 256)))
-    report = quant_check(model, size, data=batches)
-    table = Table(title=f"{checkpoint}: INT8 per-channel symmetric weights")
-    for col in ("layer", "shape", "min", "max", "max|w| / std", "relative error"):
-        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    report = quant_check(model, size, data=batches, calibration=calib, observer=observer)
+    title = "INT8 weights (per channel, symmetric)"
+    if report.calibration is not None:
+        title += f" and layer inputs (per tensor, {observer})"
+    table = Table(title=f"{checkpoint}: {title}")
+    columns = ["layer", "shape", "min", "max", "max|w| / std", "weight error"]
+    if report.calibration is not None:
+        columns += ["input range", "input scale", "input error"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("layer", "shape", "input range") else "right")
     for r in report.layers:
-        table.add_row(r.name, "x".join(map(str, r.shape)), f"{r.min:.3g}", f"{r.max:.3g}", f"{r.outlier:.1f}",
-                      f"{r.rel_error:.2e}")
+        row = [r.name, "x".join(map(str, r.shape)), f"{r.min:.3g}", f"{r.max:.3g}", f"{r.outlier:.1f}", f"{r.rel_error:.2e}"]
+        if report.calibration is not None:
+            a = r.activation
+            row += ["-", "-", "-"] if a is None else [
+                f"{a.min:.3g} .. {a.max:.3g} {'u8' if a.dtype == 'quint8' else 's8'}", f"{a.scale:.3g}",
+                f"{a.rel_error:.2e}"]
+        table.add_row(*row)
     console.print(table)
     console.print(f"output relative error with INT8 weights: {report.output_rel_error:.2e} (random inputs, eval mode)")
-    if report.float_accuracy is not None:
-        console.print(f"test accuracy: float {report.float_accuracy:.2f} %, INT8 weights {report.int8_accuracy:.2f} % "
-                      f"({report.int8_accuracy - report.float_accuracy:+.2f} points)")
+    if report.end_to_end:
+        names = {"float32": "float32", "w8": "INT8 weights (W8)", "a8": "INT8 activations (A8)", "w8a8": "both (W8A8)"}
+        images = sum(int(labels.shape[0]) for _, labels in batches or [])
+        e2e = Table(title=f"end to end on the {images:,} {data} test images")
+        for col in ("quantized", "output error", "test accuracy", "change"):
+            e2e.add_column(col, justify="left" if col == "quantized" else "right")
+        base = report.end_to_end["float32"].accuracy
+        for key, row in report.end_to_end.items():
+            quantized = key != "float32"
+            e2e.add_row(names[key], f"{row.output_rel_error:.2e}" if quantized else "-", f"{row.accuracy:.2f} %",
+                        f"{row.accuracy - base:+.2f}" if quantized else "")
+        console.print(e2e)
+        cal = report.calibration
+        console.print(f"calibration: {cal['images']:,} {data} training images ({cal['batches']} batches of "
+                      f"{CALIB_BATCH_SIZE}, unaugmented, drawn with seed 0), none of them a test image; input "
+                      "error: on the test images, clipping included")
+    else:
+        console.print("note: activations are not quantized: there is no calibration data; pass --data NAME to "
+                      "calibrate them on its training split and measure the accuracy")
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
         console.print(f"wrote {json_out}")
