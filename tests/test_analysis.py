@@ -506,3 +506,33 @@ def test_track_gradient_confusion_of_both_parameterizations(tmp_path):
     assert not (tmp_path / "acnet" / "metrics.jsonl").exists()
     r = CliRunner().invoke(app, [*common, "--track", "gradient-confusion:params=factors", "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "params=factors is unknown" in r.stderr
+
+
+def test_run_plots_have_the_expected_content():
+    """weights.png: one panel per tracked layer with its median line and four percentile bands; gradient_confusion.png:
+    minimum and mean per epoch (and the composed weights' with params=both) and one density per parameterization."""
+    from kflo_cli.analysis.confusion import density_figure
+    from kflo_cli.analysis.tracking import weight_bands_figure
+
+    bands = [9.0, 7.0, 5.0, 3.0, 0.0, -3.0, -5.0, -7.0, -9.0]
+    history = [{"epoch": e, "weights": {"features.0": [b * e for b in bands], "features.3": bands}} for e in (1, 2, 3)]
+    fig = weight_bands_figure(history)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["features.0", "features.3"]
+    for ax in panels:
+        assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "effective weight"
+        (median,) = ax.get_lines()
+        assert list(median.get_ydata()) == [r["weights"][ax.get_title()][4] for r in history]
+        assert len(ax.collections) == 4  # max-min, 93-7, 84-16, 69-31
+    assert weight_bands_figure([{"epoch": 1}]) is None
+
+    rows = [{"epoch": e, "grad_cos": [0.1 * e, -0.2, 0.3], "grad_cos_min": -0.2, "grad_cos_mean": 0.1} for e in (1, 2)]
+    left, right = density_figure(rows).axes
+    assert left.get_xlabel() == "epoch" and len(left.get_lines()) == 2
+    assert right.get_ylabel() == "density" and len(right.get_lines()) == 1 and "3 pairs, epoch 2" in right.get_xlabel()
+    both = [{**r, "grad_cos_composed": [0.0, 0.5, 0.2], "grad_cos_composed_min": 0.0, "grad_cos_composed_mean": 0.23}
+            for r in rows]
+    left, right = density_figure(both).axes
+    assert len(left.get_lines()) == 4
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["trained parameters", "composed weights"]
+    assert density_figure([{"epoch": 1}]) is None

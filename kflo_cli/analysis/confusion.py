@@ -55,8 +55,9 @@ def gaussian_kde(samples: Sequence[float], points: Sequence[float]) -> list[floa
     return (torch.exp(-0.5 * z * z).sum(1) / (x.numel() * width * math.sqrt(2 * math.pi))).tolist()
 
 
-def write_density(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """``gradient_confusion.png``: the minimum cosine similarity per epoch, and the density of the last epoch's."""
+def density_figure(history: list[dict[str, Any]]) -> Any:
+    """The figure of ``gradient_confusion.png`` (None without measured rows): the minimum and mean cosine similarity
+    per epoch, and the density of the last epoch's similarities (the composed weights' too, with params=both)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +66,7 @@ def write_density(history: list[dict[str, Any]], path: str | Path, title: str = 
 
     rows = [r for r in history if r.get("grad_cos")]
     if not rows:
-        return
+        return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     try:
         epochs = [r["epoch"] for r in rows]
@@ -91,6 +92,20 @@ def write_density(history: list[dict[str, Any]], path: str | Path, title: str = 
             right.legend(fontsize=7)
         right.set_xlabel(f"cosine similarity ({len(last)} pairs, epoch {rows[-1]['epoch']})")
         right.set_ylabel("density")
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def write_density(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """``gradient_confusion.png``: :func:`density_figure`, written atomically (nothing without measured rows)."""
+    import matplotlib.pyplot as plt
+
+    fig = density_figure(history)
+    if fig is None:
+        return
+    try:
         save_titled(fig, path, "gradient confusion", title)
     finally:
         plt.close(fig)
@@ -147,5 +162,5 @@ def write_methods_density(panels: dict[str, dict[str, list[float]]], path: str |
         plt.close(fig)
 
 
-__all__ = ["DEFAULT_PAIRS", "MAX_PAIRS", "gaussian_kde", "last_similarities", "methods_figure", "pair_similarities",
+__all__ = ["DEFAULT_PAIRS", "MAX_PAIRS", "density_figure", "gaussian_kde", "last_similarities", "methods_figure", "pair_similarities",
            "write_density", "write_methods_density"]

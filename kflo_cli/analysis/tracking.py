@@ -97,8 +97,9 @@ def weight_bands(model: nn.Module, layers: Sequence[str]) -> dict[str, list[floa
         return {name: percentiles(model.get_submodule(name).weight) for name in layers}
 
 
-def write_weight_bands(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """``weights.png``: per layer, the bands between symmetric percentiles around the median, over the epochs."""
+def weight_bands_figure(history: list[dict[str, Any]]) -> Any:
+    """The figure of ``weights.png`` (None without tracked rows): per layer, the bands between symmetric percentiles
+    around the median, over the epochs (the compander paper's Figure 3)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,31 +108,41 @@ def write_weight_bands(history: list[dict[str, Any]], path: str | Path, title: s
 
     rows = [r for r in history if isinstance(r.get("weights"), dict)]
     if not rows:
-        return
+        return None
     layers = list(rows[-1]["weights"])[:MAX_PANELS]
     cols = min(3, len(layers))
     nrows = -(-len(layers) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
     epochs = [r["epoch"] for r in rows]
     pairs = [(0, 8), (1, 7), (2, 6), (3, 5)]  # (max, min), (93, 7), (84, 16), (69, 31)
+    for ax, layer in zip(axes.flat, layers):
+        series = [[r["weights"][layer][i] for r in rows] for i in range(len(PERCENTILES))]
+        for shade, (hi, lo) in enumerate(pairs):
+            ax.fill_between(epochs, series[lo], series[hi], alpha=0.15 + 0.15 * shade, color="tab:blue", lw=0,
+                            label=f"{PERCENTILES[lo]}-{PERCENTILES[hi]} %")
+        ax.plot(epochs, series[4], color="tab:blue", marker="o" if len(epochs) <= 10 else None, label="median")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("effective weight")
+    for ax in list(axes.flat)[len(layers):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7, loc="best")
+    return fig
+
+
+def write_weight_bands(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """``weights.png``: :func:`weight_bands_figure`, written atomically (nothing without tracked rows)."""
+    import matplotlib.pyplot as plt
+
+    fig = weight_bands_figure(history)
+    if fig is None:
+        return
     try:
-        for ax, layer in zip(axes.flat, layers):
-            series = [[r["weights"][layer][i] for r in rows] for i in range(len(PERCENTILES))]
-            for shade, (hi, lo) in enumerate(pairs):
-                ax.fill_between(epochs, series[lo], series[hi], alpha=0.15 + 0.15 * shade, color="tab:blue", lw=0,
-                                label=f"{PERCENTILES[lo]}-{PERCENTILES[hi]} %")
-            ax.plot(epochs, series[4], color="tab:blue", marker="o" if len(epochs) <= 10 else None, label="median")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_title(layer, fontsize=9)
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("effective weight")
-        for ax in list(axes.flat)[len(layers):]:
-            ax.set_visible(False)
-        axes.flat[0].legend(fontsize=7, loc="best")
         save_titled(fig, path, "weight percentiles per epoch", title)
     finally:
         plt.close(fig)
 
 
 __all__ = ["MAX_PANELS", "PERCENTILES", "TRACKERS", "parse_track", "percentiles", "tracked_layers", "weight_bands",
-           "write_weight_bands"]
+           "weight_bands_figure", "write_weight_bands"]
