@@ -382,7 +382,8 @@ def print_bench(r: Any) -> None:
     if r.macs_feature_form is not None:
         table.add_row("MACs per image (feature form)", macs(r.macs_vanilla), macs(r.macs_feature_form),
                       f"{r.macs_feature_form / r.macs_vanilla:.2f}x")
-    table.add_row("training step, median (min-max)", ms(r.step_vanilla), ms(r.step_expanded), f"{r.step_ratio:.2f}x")
+    table.add_row("training step, median (min-max)", ms(r.step_vanilla), ms(r.step_expanded),
+                  f"{r.step_ratio:.2f}x (min {r.step_ratio_min:.2f}x)")
     table.add_row("peak training memory", mb(r.memory_vanilla), mb(r.memory_expanded), f"{r.memory_ratio:.2f}x")
     table.add_row("memory target (1.3x vanilla + extra state)", "", mb(r.memory_allowance),
                   "within" if r.memory_within_target else "over")

@@ -23,6 +23,7 @@ def test_bench_measures_both_models_and_collapses_to_the_original_size():
     assert r.macs_feature_form > r.macs_executed > r.macs_vanilla > 0
     assert r.step_vanilla.samples == r.step_expanded.samples == 2
     assert r.step_ratio == pytest.approx(r.step_expanded.median / r.step_vanilla.median)
+    assert r.step_ratio_min == pytest.approx(r.step_expanded.min / r.step_vanilla.min)
     # the expansion holds ~5x the parameters (+ momentum): its resident bytes alone exceed vanilla's
     assert r.memory_expanded > r.memory_vanilla > 0
     # the target's allowance: 1.3x vanilla's peak + the extra state, float32 parameter + gradient + SGD momentum
