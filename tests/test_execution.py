@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 import kflo_cli as kflo
@@ -100,3 +104,70 @@ def test_output_positions_follow_the_layer():
     assert output_positions(nn.Conv2d(3, 8, 3, padding="same"), (1, 3, 9, 7)) == 63
     assert output_positions(nn.Conv1d(3, 8, 3, dilation=2), (1, 3, 16)) == 12
     assert output_positions(nn.Linear(3, 8), (4, 5, 3)) == 1
+
+
+# -- taps that only read padding (kflo_cli.reparam.execution.live_taps) ------------------------------------------------
+def test_live_taps_known_answers():
+    from kflo_cli.reparam.execution import live_taps
+
+    conv = nn.Conv2d(8, 6, 3, padding=1)
+    crop = live_taps(conv, (4, 8, 1, 1))  # a 1x1 map: only the centre tap reads it
+    assert crop.taps == (slice(1, 2), slice(1, 2)) and crop.padding == (0, 0) and crop.kept((3, 3)) == 1
+    assert live_taps(conv, (4, 8, 5, 5)) is None  # every tap reads real input somewhere
+    # stride 2 on a 2x2 map: one output position, reading taps 1 and 2 (tap 0 reads the padding row/column)
+    assert live_taps(nn.Conv2d(8, 6, 3, padding=1, stride=2), (4, 8, 2, 2)).taps == (slice(1, 3), slice(1, 3))
+    # per dimension: a 2x3 map under a 5x5 kernel with padding 2 drops the outer rows only
+    crop = live_taps(nn.Conv2d(8, 6, 5, padding=2), (4, 8, 2, 3))
+    assert crop.taps == (slice(1, 4), slice(0, 5)) and crop.padding == (1, 2)
+    for other in (nn.Conv2d(8, 6, 3, padding=1, padding_mode="reflect"), nn.Conv2d(8, 6, 3, padding="same"),
+                  nn.Linear(8, 6)):
+        assert live_taps(other, (4, 8, 1, 1) if not isinstance(other, nn.Linear) else (4, 8)) is None
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (nn.Conv2d(8, 6, 3, padding=1), (4, 8, 1, 1)),
+    (nn.Conv2d(8, 6, 3, padding=1, stride=2), (4, 8, 2, 2)),
+    (nn.Conv2d(8, 6, 5, padding=2), (4, 8, 2, 3)),
+    (nn.Conv2d(8, 6, 3, padding=2, dilation=2), (4, 8, 1, 2)),
+    (nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False), (4, 8, 1, 1)),
+    (nn.Conv1d(8, 6, 3, padding=1), (4, 8, 1)),
+    (nn.Conv3d(4, 6, 3, padding=1), (2, 4, 1, 2, 1)),
+], ids=["1x1", "stride2", "5x5-rows", "dilation2", "grouped", "conv1d", "conv3d"])
+@pytest.mark.parametrize("mode", ["kernel", "feature", "auto"])
+@pytest.mark.parametrize("decay", ["composed", "factors"])
+def test_cropped_forms_compute_the_full_kernels_function(conv, shape, mode, decay):
+    """On maps where some taps only read padding, every form runs the cropped kernel: outputs and every factor's
+    gradient equal those of the layer's own convolution with the full composed kernel (float64)."""
+    if mode == "feature" and conv.groups > 1:
+        pytest.skip("KFLO runs grouped convolutions on the kernel only")
+    torch.manual_seed(0)
+    model = kflo.expand(nn.Sequential(copy.deepcopy(conv).double()), f"kflo:width=2,mode={mode},decay={decay}")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    layer, x = model[0], torch.randn(shape, dtype=torch.float64)
+    conv_fn = (F.conv1d, F.conv2d, F.conv3d)[len(shape) - 3]
+    reference = conv_fn(x, layer.parametrizations.weight[0](), layer.bias, layer.stride, layer.padding,
+                        layer.dilation, layer.groups)
+    params = list(model.parameters())
+    want = torch.autograd.grad(reference.pow(2).sum(), params)
+    out = model(x)
+    got = torch.autograd.grad(out.pow(2).sum(), params)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the convolution that ran had the cropped kernel: its FLOPs are the full convolution's times kept / taps
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kflo_cli.reparam.execution import live_taps
+
+    def conv_flops(fn) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return int(counter.get_flop_counts()["Global"].get(torch.ops.aten.convolution, 0))
+
+    full = conv_flops(lambda: conv_fn(x, layer.parametrizations.weight[0](), None, layer.stride, layer.padding,
+                                      layer.dilation, layer.groups))
+    kept = live_taps(layer, tuple(shape)).kept(layer.kernel_size)
+    if mode == "kernel":
+        assert conv_flops(lambda: model(x)) * math.prod(layer.kernel_size) == full * kept

@@ -21,8 +21,9 @@ A parametrization that offers the feature form implements the :class:`Factored` 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -90,21 +91,76 @@ def samples(module: nn.Module, x_shape: tuple[int, ...]) -> int:
     return x_shape[0] if len(x_shape) == len(module.kernel_size) + 2 else 1
 
 
-def kernel_macs(module: nn.Module, param: "Factored", x_shape: tuple[int, ...]) -> float:
+class Crop(NamedTuple):
+    """The kernel taps a zero-padded convolution reads real input with, for one input shape: per spatial dimension
+    the slice of taps kept, and the padding that gives the cropped kernel the same output positions."""
+
+    taps: tuple[slice, ...]
+    padding: tuple[int, ...]
+
+    def kept(self, kernel_size: tuple[int, ...]) -> int:
+        """How many of the ``prod(kernel_size)`` taps are kept."""
+        return math.prod(len(range(*t.indices(k))) for t, k in zip(self.taps, kernel_size))
+
+
+def live_taps(module: nn.Module, x_shape: tuple[int, ...]) -> Crop | None:
+    """The :class:`Crop` of a convolution whose kernel has taps that only ever read zero padding for inputs of
+    ``x_shape`` (a 3x3 convolution with padding 1 on a 1x1 map reads real input with its centre tap only), or None.
+
+    Those taps multiply zeros: dropping them (and lowering the padding by the taps dropped in front) computes the
+    same output exactly, with fewer multiply-accumulates in the convolution, its backward and, for a factorised
+    kernel, the composition. Only for ``nn.ConvNd``'s own zero padding with numeric padding; the hull of the live
+    taps is kept per dimension, and nothing is cropped unless the cropped layer has the same output size.
+    """
+    if isinstance(module, nn.Linear) or layer_padding(module) != "static" or module.padding_mode != "zeros":
+        return None
+    if isinstance(module.padding, str):
+        return None
+    dims = len(module.kernel_size)
+    spatial = x_shape[-dims:]
+    taps, padding, cropped = [], [], False
+    for n, k, s, p, d in zip(spatial, module.kernel_size, module.stride, module.padding, module.dilation):
+        o = conv_output_size(n, k, s, p, d)
+        if o <= 0:
+            return None
+        live = [j for j in range(k) if any(0 <= t * s - p + j * d < n for t in range(o))]
+        if not live:
+            return None
+        lo, hi = live[0], live[-1]
+        new_p = p - lo * d
+        if new_p < 0 or conv_output_size(n, hi - lo + 1, s, new_p, d) != o:
+            lo, hi, new_p = 0, k - 1, p
+        cropped = cropped or (lo, hi) != (0, k - 1)
+        taps.append(slice(lo, hi + 1))
+        padding.append(new_p)
+    return Crop(tuple(taps), tuple(padding)) if cropped else None
+
+
+def kernel_macs(module: nn.Module, param: "Factored", x_shape: tuple[int, ...], crop: Crop | None = None) -> float:
     """Multiply-accumulates of the layer's own forward (on its composed kernel) for an input of ``x_shape``."""
-    return float(samples(module, x_shape) * output_positions(module, x_shape) * math.prod(param.weight_shape))
+    size = math.prod(param.weight_shape)
+    if crop is not None:
+        size = size // math.prod(module.kernel_size) * crop.kept(module.kernel_size)
+    return float(samples(module, x_shape) * output_positions(module, x_shape) * size)
 
 
-def choose_form(module: nn.Module, param: Factored, x_shape: tuple[int, ...]) -> str:
-    """``"kernel"`` or ``"feature"`` for this layer and input shape (see the module docstring)."""
-    kernel = kernel_macs(module, param, x_shape)
+def crops(param: Any) -> bool:
+    """Whether a parametrization composes and runs a cropped kernel (:func:`live_taps`)."""
+    return callable(getattr(param, "compose_taps", None))
+
+
+def choose_form(module: nn.Module, param: Factored, x_shape: tuple[int, ...], crop: Crop | None = None) -> str:
+    """``"kernel"`` or ``"feature"`` for this layer and input shape (see the module docstring); ``crop``: the live
+    taps both forms run with (a parametrization with ``compose_taps``)."""
+    crop = crop if crops(param) else None
+    kernel = kernel_macs(module, param, x_shape, crop)
     training = torch.is_grad_enabled()
     # evaluation inside parametrize.cached() composes once for every batch of the block (kflo train's evaluate);
     # a training step composes every step (its cached() block is one step), unless the composed decay pays for it
     amortized = not training and parametrize._cache_enabled > 0  # noqa: SLF001
     if not amortized and not (training and param.composition_paid()):
-        kernel += param.composition_macs()
-    feature = param.feature_macs(module, x_shape)
+        kernel += param.composition_macs(crop) if crop is not None else param.composition_macs()
+    feature = param.feature_macs(module, x_shape, crop) if crop is not None else param.feature_macs(module, x_shape)
     return "feature" if feature < FEATURE_MARGIN * kernel else "kernel"
 
 
@@ -133,22 +189,46 @@ def padded_input(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]
 def _form_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     param = self.parametrizations.weight[0]
     mode = type(self)._kflo_mode
+    crop = None
+    if crops(param):
+        shapes = param.__dict__.setdefault("_kflo_crops", {})
+        if tuple(x.shape) not in shapes:
+            shapes[tuple(x.shape)] = live_taps(self, tuple(x.shape))
+        crop = shapes[tuple(x.shape)]
     if mode == "auto":
         key = (tuple(x.shape), torch.is_grad_enabled(), parametrize._cache_enabled > 0)  # noqa: SLF001
         forms = param.__dict__.setdefault("_kflo_forms", {})
         if key not in forms:
-            forms[key] = choose_form(self, param, tuple(x.shape))
+            forms[key] = choose_form(self, param, tuple(x.shape), crop)
         form = forms[key]
     else:
         form = mode
     if form == "feature":
+        if crop is not None:
+            return param.run_features(self, x, crop.padding, crop)
         return param.run_features(self, *padded_input(self, x))
     with parametrize.cached():
-        if torch.is_autocast_enabled(x.device.type):
+        amp = torch.is_autocast_enabled(x.device.type)
+        if crop is not None:
+            with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
+                weight = _cropped_weight(self, param, crop)  # composed in the factors' own precision
+            conv = (F.conv1d, F.conv2d, F.conv3d)[len(crop.taps) - 1]
+            return conv(x, weight, self.bias, self.stride, crop.padding, self.dilation, self.groups)
+        if amp:
             with torch.autocast(x.device.type, enabled=False):  # compose in the factors' own precision
                 for name in self.parametrizations:
                     getattr(self, name)
         return type(self)._kflo_base.forward(self, x)
+
+
+def _cropped_weight(module: nn.Module, param: Any, crop: Crop) -> torch.Tensor:
+    """The kernel on the live taps only: sliced from the full composed kernel when that is composed anyway (a decay
+    on it in training, or already cached, as for evaluation), else composed for those taps alone
+    (``compose_taps``: the composition's cost falls with the taps)."""
+    paid = torch.is_grad_enabled() and param.composition_paid()
+    if paid or (id(module), "weight") in getattr(parametrize, "_cache", {}):
+        return module.weight[(slice(None), slice(None), *crop.taps)]
+    return param.compose_taps(crop)
 
 
 _CLASSES: dict[tuple[type, str], type] = {}
@@ -176,5 +256,5 @@ def chosen_forms(model: nn.Module) -> dict[str, dict[tuple[int, ...], str]]:
     return out
 
 
-__all__ = ["FEATURE_MARGIN", "Factored", "MODES", "choose_form", "chosen_forms", "conv_output_size", "form_class",
-           "kernel_macs", "layer_padding", "output_positions", "padded_input", "samples"]
+__all__ = ["Crop", "FEATURE_MARGIN", "Factored", "MODES", "choose_form", "chosen_forms", "conv_output_size", "crops",
+           "form_class", "kernel_macs", "layer_padding", "live_taps", "output_positions", "padded_input", "samples"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import KfloError
 from .base import LayerContext, Param, ParamRole, Shorthand, WeightRecipe
-from .execution import MODES, form_class, layer_padding, output_positions, samples
+from .execution import MODES, Crop, form_class, layer_padding, output_positions, samples
 from .layers import padding_kind, round_half_up
 from .registry import register_recipe
 
@@ -107,8 +107,9 @@ class KfloParametrization(nn.Module):
         row of W' reads one group, a row of W_1 would read them all) nor layers whose forward is their own."""
         return getattr(module, "groups", 1) == 1 and layer_padding(module) is not None
 
-    def run_features(self, module: nn.Module, x: torch.Tensor, padding: object) -> torch.Tensor:
-        """W_1 as a layer with R outputs, then each cascade matrix as a pointwise map; the layer's bias last."""
+    def run_features(self, module: nn.Module, x: torch.Tensor, padding: object, crop: Crop | None = None) -> torch.Tensor:
+        """W_1 as a layer with R outputs (on the live taps only, with ``crop``), then each cascade matrix as a
+        pointwise map; the layer's bias last."""
         bias = module.bias
         last = len(self.cascade) - 1
         if isinstance(module, nn.Linear):
@@ -118,23 +119,42 @@ class KfloParametrization(nn.Module):
             return y
         dims = len(self.weight_shape) - 2
         conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-        y = conv(x, self.w1.view(self.w1.shape[0], *self.weight_shape[1:]), None, module.stride, padding,
-                 module.dilation)
+        w1 = self.w1.view(self.w1.shape[0], *self.weight_shape[1:])
+        if crop is not None:
+            w1 = w1[(slice(None), slice(None), *crop.taps)]
+        y = conv(x, w1, None, module.stride, padding, module.dilation)
         ones = (1,) * dims
         for i, m in enumerate(self.cascade):
             y = conv(y, m.view(*m.shape, *ones), bias if i == last else None)
         return y
 
-    def feature_macs(self, module: nn.Module, x_shape: tuple[int, ...]) -> float:
+    def _fan(self, crop: Crop | None) -> int:
+        """F, the columns of W_1 a forward uses: all, or those of the live taps."""
+        fan = self.w1.shape[1]
+        if crop is None:
+            return fan
+        kernel = self.weight_shape[2:]
+        return fan // math.prod(kernel) * crop.kept(kernel)
+
+    def feature_macs(self, module: nn.Module, x_shape: tuple[int, ...], crop: Crop | None = None) -> float:
         if not self.feature_supported(module):
             return math.inf
-        per_position = self.w1.numel() + sum(m.numel() for m in self.cascade)
+        per_position = self.w1.shape[0] * self._fan(crop) + sum(m.numel() for m in self.cascade)
         return float(samples(module, x_shape) * output_positions(module, x_shape) * per_position)
 
-    def composition_macs(self) -> float:
-        """The cascade's product (``(B-2) out R^2``), then times W_1 (``out R F``)."""
+    def composition_macs(self, crop: Crop | None = None) -> float:
+        """The cascade's product (``(B-2) out R^2``), then times W_1 (``out R F``; F of the live taps with ``crop``)."""
         out, rows = self.cascade[-1].shape
-        return float((len(self.cascade) - 1) * out * rows * rows + out * rows * self.w1.shape[1])
+        return float((len(self.cascade) - 1) * out * rows * rows + out * rows * self._fan(crop))
+
+    def compose_taps(self, crop: Crop) -> torch.Tensor:
+        """The composed kernel on the live taps only: ``W_B ... W_2 (W_1 restricted to their columns)``, the
+        kernel's slice ``W'[:, :, taps]`` at a fraction of the composition's cost."""
+        rows = self.w1.shape[0]
+        w1 = self.w1.view(rows, *self.weight_shape[1:])[(slice(None), slice(None), *crop.taps)]
+        shape = w1.shape[1:]
+        mats = [m for m in reversed(self.cascade)] + [w1.reshape(rows, -1)]
+        return torch.linalg.multi_dot(mats).reshape(self.weight_shape[0], *shape)
 
     def composition_paid(self) -> bool:
         return self.decay_composed
@@ -185,8 +205,11 @@ class Kflo(WeightRecipe):
 
     def forward_class(self, layer: LayerContext) -> type | None:
         mode = self.values["mode"]
-        if mode == "kernel" or getattr(layer.module, "groups", 1) != 1 or padding_kind(layer.module) is None:
-            return None  # the layer's own forward on the composed kernel (the only form for these layers)
+        if padding_kind(layer.module) is None:
+            return None  # a forward of its own (timm's StdConv2d): it runs on the composed kernel
+        if getattr(layer.module, "groups", 1) != 1:
+            mode = "kernel"  # a row of W_1 would read every group: the kernel form only
+        # the kernel form too runs through execution.py: it crops taps that only read padding (live_taps)
         return form_class(type(layer.module), mode)
 
     def factor_count(self, layer: LayerContext) -> int:
