@@ -252,3 +252,29 @@ def test_config_json_of_earlier_versions_still_resumes(tmp_path):
     assert config_from_dict({**old, "init_from": "plain.safetensors"}, "config.json").init_from == ["plain.safetensors"]
     with pytest.raises(KfloError, match="no longer a training option; .*expandnet-ck:decay=composed"):
         resolve_config({"decay_on": "composed"})
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    """Without --threads a run takes the idle cores by the 1-minute load average (at least 1, at most torch's
+    default), and records the number (a resumed run keeps it)."""
+    import os
+
+    import torch
+
+    from kflo_cli.train import engine
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.4, 3.0, 3.0))
+    assert engine.default_threads() == (1, "2 cores, load average 3.4")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert engine.default_threads()[0] == 8  # 15 idle cores, capped at torch's default
+    monkeypatch.setattr(os, "getloadavg", lambda: (14.7, 1.0, 1.0))
+    assert engine.default_threads()[0] == 1
+
+    def no_load():
+        raise OSError("no load average")
+
+    monkeypatch.setattr(os, "getloadavg", no_load)
+    assert engine.default_threads()[0] == 8

@@ -12,6 +12,7 @@ step to the deployed model. It reads top to bottom; each step is a function with
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -214,6 +215,24 @@ def check_tracking(config: TrainConfig, model: nn.Module) -> None:
                 raise KfloError(problem)
 
 
+def default_threads() -> tuple[int, str]:
+    """The thread count of a run without ``--threads``, and why: the cores this process may use that the machine's
+    1-minute load average leaves idle (at least 1, at most PyTorch's own default). On a busy 2-core machine torch's
+    default of 2 threads made ``kflo train`` 1.7x slower than 1 thread (docs/training.md), and 9x in another
+    measurement, because the threads wait for each other on a core that other work holds."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return torch.get_num_threads(), "PyTorch's default (no load average on this system)"
+    idle = int(cores - load + 0.5)
+    threads = max(1, min(torch.get_num_threads(), idle))
+    return threads, f"{cores} cores, load average {load:.1f}"
+
+
 def _set_threads(config: TrainConfig) -> None:
     # Part of the config because CPU float reductions depend on the thread count, so a resumed run must match.
     if config.threads is not None:
@@ -274,6 +293,11 @@ def start(
     """
     run_dir = Path(run_dir)
     config.validate()
+    threads_note = None
+    if config.threads is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # chosen once and recorded in config.json: a resumed run keeps the thread count (float sums depend on it)
+        config.threads, why = default_threads()
+        threads_note = f"{config.threads} CPU thread{'s' if config.threads > 1 else ''} ({why}); --threads N sets it"
     _set_threads(config)
     stop = StopFlag()
     dist = setup(config.device)
@@ -285,6 +309,8 @@ def start(
         out = _console(dist, console)
         if prepared.note and dist.is_main:
             out.print(f"[yellow]note[/]: {prepared.note}")
+        if threads_note and dist.is_main:
+            out.print(f"[yellow]note[/]: {threads_note}", highlight=False)
         run_id = dist.gather_objects(files.new_run_id())[0]  # rank 0's
         run = make_run(config, run_dir, dist, prepared, console=out, stop=stop, progress=progress, run_id=run_id)
         _announce_recipe_file_settings(run)
