@@ -29,6 +29,7 @@ PAPER = {
     "powerprop": "-1.10 (compander T2, ResNet-18, C10)",
     "weightnorm": "+0.22 (compander T2, ResNet-18, C10)",
 }
+PAPER["expandnet-cl"], PAPER["expandnet-ck"] = PAPER["cl"], PAPER["ck"]  # the digits-confusion grid's names
 
 
 def fmt(x: float | None, signed: bool = False) -> str:
