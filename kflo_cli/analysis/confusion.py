@@ -100,15 +100,7 @@ def density_figure(history: list[dict[str, Any]]) -> Any:
 
 def write_density(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """``gradient_confusion.png``: :func:`density_figure`, written atomically (nothing without measured rows)."""
-    import matplotlib.pyplot as plt
-
-    fig = density_figure(history)
-    if fig is None:
-        return
-    try:
-        save_titled(fig, path, "gradient confusion", title)
-    finally:
-        plt.close(fig)
+    save_titled(density_figure(history), path, "gradient confusion", title)
 
 
 def last_similarities(run_dir: str | Path) -> tuple[int, list[float]] | None:
@@ -153,13 +145,7 @@ def methods_figure(panels: dict[str, dict[str, list[float]]]) -> Any:
 
 def write_methods_density(panels: dict[str, dict[str, list[float]]], path: str | Path, title: str = "") -> None:
     """Write :func:`methods_figure` to ``path`` (PNG, atomically)."""
-    import matplotlib.pyplot as plt
-
-    fig = methods_figure(panels)
-    try:
-        save_titled(fig, path, "gradient confusion, last epoch", title)
-    finally:
-        plt.close(fig)
+    save_titled(methods_figure(panels), path, "gradient confusion, last epoch", title)
 
 
 __all__ = ["DEFAULT_PAIRS", "MAX_PAIRS", "density_figure", "gaussian_kde", "last_similarities", "methods_figure", "pair_similarities",

@@ -133,15 +133,7 @@ def weight_bands_figure(history: list[dict[str, Any]]) -> Any:
 
 def write_weight_bands(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """``weights.png``: :func:`weight_bands_figure`, written atomically (nothing without tracked rows)."""
-    import matplotlib.pyplot as plt
-
-    fig = weight_bands_figure(history)
-    if fig is None:
-        return
-    try:
-        save_titled(fig, path, "weight percentiles per epoch", title)
-    finally:
-        plt.close(fig)
+    save_titled(weight_bands_figure(history), path, "weight percentiles per epoch", title)
 
 
 __all__ = ["MAX_PANELS", "PERCENTILES", "TRACKERS", "parse_track", "percentiles", "tracked_layers", "weight_bands",
