@@ -56,8 +56,8 @@ class Timing:
 
 
 @dataclass
-class BenchResult:
-    """Everything ``kflo bench`` measured; ``ratio`` fields are expanded / vanilla."""
+class BenchSetting:
+    """What was measured, and how: shared by :class:`BenchResult` and :class:`ModeComparison`."""
 
     model: str
     recipes: list[str]
@@ -68,6 +68,12 @@ class BenchResult:
     compiled: bool
     amp: bool
     accumulate: int
+
+
+@dataclass
+class BenchResult(BenchSetting):
+    """Everything ``kflo bench`` measured; ``ratio`` fields are expanded / vanilla."""
+
     params_vanilla: int
     params_training: int
     params_collapsed: int
@@ -473,4 +479,164 @@ def bench(
     )
 
 
-__all__ = ["BenchResult", "MEMORY_TARGET", "Timing", "bench", "with_mode"]
+#: The issue's bound on ``mode=auto``: never more than this factor slower than the faster fixed form.
+AUTO_TOLERANCE = 1.05
+
+
+@dataclass
+class ModeRow:
+    """One execution mode's training step in :func:`compare_modes`; ratios are to vanilla in the same rounds."""
+
+    mode: str
+    step: Timing
+    ratio: float
+    ratio_min: float
+    #: Layers that ran through their factors in the timed steps, of ``layers`` with an execution form.
+    feature_layers: list[str]
+    layers: int
+
+
+@dataclass
+class ModeComparison(BenchSetting):
+    """``kflo bench --compare-modes``: vanilla and the expansion in each execution mode, timed in the same rounds."""
+
+    vanilla: Timing
+    rows: list[ModeRow]
+    #: Modes a recipe refuses, with the reason (e.g. a recipe with no feature form).
+    skipped: dict[str, str]
+    #: auto's median step over the faster fixed form's (``best_fixed``), and the same for the minima; ``None``
+    #: when auto or no fixed form was timed.
+    best_fixed: str | None
+    auto_vs_best: float | None
+    auto_vs_best_min: float | None
+
+    @property
+    def auto_within(self) -> bool | None:
+        """Whether auto's median step is within :data:`AUTO_TOLERANCE` of the faster fixed form's."""
+        return None if self.auto_vs_best is None else self.auto_vs_best <= AUTO_TOLERANCE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "auto_within": self.auto_within}
+
+
+def _forms_run(net: nn.Module) -> dict[str, set[str]]:
+    """Layer name -> the forms it ran in during training: its fixed form, or an auto layer's choices so far."""
+    chosen = chosen_forms(net)
+    out = {}
+    for name, module in net.named_modules():
+        fixed = getattr(type(module), "_kflo_mode", None)
+        if fixed is not None:
+            out[name] = set(chosen.get(name, {}).values()) if fixed == "auto" else {fixed}
+    return out
+
+
+def compare_modes(
+    model: str,
+    recipes: Sequence[Any],
+    *,
+    modes: Sequence[str] = MODES,
+    batch_size: int = 64,
+    input_size: Sequence[int] | None = None,
+    steps: int = 20,
+    warmup: int = 3,
+    device: str = "cpu",
+    compile_model: bool = False,
+    amp: bool = False,
+    accumulate: int = 1,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    model_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ModeComparison:
+    """Time the vanilla model and the expansion in every mode of ``modes`` in the same interleaved rounds.
+
+    Separate ``bench`` calls compare each mode with its own vanilla run, so on a shared machine two modes that run
+    the same layers the same way can differ by the drift between the calls; here every mode meets the same drift,
+    which is what checking ``mode=auto`` against the fixed forms needs. A spec that names its own mode is timed in
+    that mode only (the others are listed in ``skipped``).
+    """
+    from .models import create_model, default_input_size
+    from .pipeline import expand_model
+
+    _check_options(batch_size, steps, warmup, input_size)
+    from .train.config import TrainConfig
+
+    TrainConfig(batch_size=batch_size, accumulate=accumulate).validate()
+    if not recipes:
+        raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] (`kflo recipes` lists them)")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise KfloError(f"mode {', '.join(unknown) or '(none)'} is unknown; compare some of {', '.join(MODES)}")
+    specs_by_mode: dict[str, list[Any]] = {}
+    skipped: dict[str, str] = {}
+    for mode in modes:
+        try:
+            specs_by_mode[mode] = with_mode(recipes, mode)
+        except KfloError as exc:
+            if "none of the recipes" in str(exc):
+                raise KfloError(f"--compare-modes: none of the recipes ({', '.join(map(str, recipes))}) has an "
+                                "execution mode; drop --compare-modes") from None
+            skipped[mode] = str(exc)
+    dev = torch.device(device)
+    say = progress or (lambda phase, done, total: None)
+    kwargs = _fitting_kwargs(model, {k: v for k, v in dict(model_kwargs or {}).items() if v is not None},
+                             input_size, seed)
+    total = (len(specs_by_mode) + 1) * (warmup + steps) + 1
+    say("build", 0, total)
+    torch.manual_seed(seed)
+    vanilla = create_model(model, **kwargs)
+    size = tuple(input_size) if input_size else tuple(default_input_size(vanilla))
+    problem = _accepts(vanilla, size)
+    if problem is not None:
+        raise KfloError(f"{model} does not take inputs of size {','.join(map(str, size))} ({problem}); pass "
+                        "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn((batch_size, *size), generator=generator).to(dev)
+    with torch.no_grad():
+        classes = vanilla.eval()(images[:1].cpu()).shape[-1]
+    labels = torch.randint(0, classes, (batch_size,), generator=generator).to(dev)
+    trainers = {"vanilla": _Trainer(vanilla, dev, amp=amp, compile_model=compile_model, accumulate=accumulate)}
+    expanded: dict[str, nn.Module] = {}
+    for mode, specs in specs_by_mode.items():
+        torch.manual_seed(seed)
+        expanded[mode] = expand_model(create_model(model, **kwargs), specs, include=include, exclude=exclude,
+                                      seed=seed)
+        trainers[mode] = _Trainer(expanded[mode], dev, amp=amp, compile_model=compile_model, accumulate=accumulate)
+    done = [1]
+
+    def tick() -> None:
+        done[0] += len(trainers)
+        say("training steps", done[0], total)
+
+    calls = {name: (lambda t=trainer: t.step(images, labels)) for name, trainer in trainers.items()}
+    _interleaved(calls, warmup, dev, tick)
+    seconds = _interleaved(calls, steps, dev, tick)
+    say("done", total, total)
+
+    vanilla_t = Timing.of(seconds["vanilla"])
+    rows = []
+    for mode, net in expanded.items():
+        t = Timing.of(seconds[mode])
+        forms = _forms_run(net)
+        feature = sorted(name for name, seen in forms.items() if "feature" in seen)
+        rows.append(ModeRow(mode=mode, step=t, ratio=t.median / vanilla_t.median, ratio_min=t.min / vanilla_t.min,
+                            feature_layers=feature, layers=len(forms)))
+    timed = {row.mode: row for row in rows}
+    fixed = [timed[m] for m in ("kernel", "feature") if m in timed]
+    best = min(fixed, key=lambda row: row.step.median) if fixed else None
+    auto = timed.get("auto")
+    vs_best = vs_best_min = None
+    if auto is not None and best is not None:
+        vs_best = auto.step.median / best.step.median
+        vs_best_min = auto.step.min / min(row.step.min for row in fixed)
+    return ModeComparison(
+        model=model, recipes=[str(s) for s in recipes], device=str(dev), threads=torch.get_num_threads(),
+        batch_size=batch_size, input_size=list(size), compiled=compile_model, amp=amp, accumulate=accumulate,
+        vanilla=vanilla_t, rows=rows, skipped=skipped, best_fixed=None if best is None else best.mode,
+        auto_vs_best=vs_best, auto_vs_best_min=vs_best_min,
+    )
+
+
+__all__ = ["AUTO_TOLERANCE", "BenchResult", "MEMORY_TARGET", "ModeComparison", "ModeRow", "Timing", "bench",
+           "compare_modes", "with_mode"]

@@ -314,6 +314,7 @@ def bench(
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile both models.")] = False,
     amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (bfloat16 on CPU, float16 on CUDA) for both models.")] = False,
     accumulate: Annotated[int, typer.Option("--accumulate", help="Micro-batches per step, as kflo train --accumulate (both models).")] = 1,
+    compare_modes: Annotated[bool, typer.Option("--compare-modes", help="Time vanilla and the expansion in each execution mode (kernel, feature, auto) in the same interleaved rounds, and how auto fares against the faster fixed form.", rich_help_panel="Recipe")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for both models and the random batch.")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the measurements as JSON to this file.")] = None,
 ) -> None:
@@ -325,6 +326,7 @@ def bench(
 
     from ._atomic import write_text_atomic
     from .bench import bench as run_bench
+    from .bench import compare_modes as run_compare
     from .recipefile import load_recipe_file
 
     specs: list[Any] = []
@@ -344,16 +346,50 @@ def bench(
         def progress(phase: str, done: int, total: int) -> None:
             bar.update(task, description=f"bench: {phase}", completed=done, total=total)
 
-        result = run_bench(model, specs, batch_size=batch_size, input_size=_parse_size(input_size), steps=steps,
-                           warmup=warmup, device=device, mode=mode, compile_model=compile_model, amp=amp,
-                           accumulate=accumulate,
-                           include=include or [], exclude=exclude or [],
-                           model_kwargs={"num_classes": num_classes, "in_chans": in_chans}, seed=seed,
-                           progress=progress)
-    print_bench(result)
+        common = dict(batch_size=batch_size, input_size=_parse_size(input_size), steps=steps, warmup=warmup,
+                      device=device, compile_model=compile_model, amp=amp, accumulate=accumulate,
+                      include=include or [], exclude=exclude or [],
+                      model_kwargs={"num_classes": num_classes, "in_chans": in_chans}, seed=seed, progress=progress)
+        if compare_modes:
+            if mode is not None:
+                raise KfloError("--mode and --compare-modes contradict each other; drop --mode to time every mode")
+            result = run_compare(model, specs, **common)
+        else:
+            result = run_bench(model, specs, mode=mode, **common)
+    if compare_modes:
+        print_mode_comparison(result)
+    else:
+        print_bench(result)
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(result.to_dict(), indent=2) + "\n")
         console.print(f"wrote {json_out}")
+
+
+def print_mode_comparison(r: Any) -> None:
+    """The rich table of a :class:`kflo_cli.bench.ModeComparison`."""
+    from .bench import AUTO_TOLERANCE
+
+    def ms(t: Any) -> str:
+        return f"{t.median * 1e3:.1f} ms ({t.min * 1e3:.1f}-{t.max * 1e3:.1f})"
+
+    title = (f"{r.model} + {' + '.join(r.recipes)}: batch {r.batch_size} x {'x'.join(map(str, r.input_size))}, "
+             f"{r.device}, {r.threads} threads{', compiled' if r.compiled else ''}{', AMP' if r.amp else ''}"
+             f"{f', {r.accumulate} micro-batches per step' if r.accumulate > 1 else ''}")
+    table = Table(title=title)
+    for col in ("mode", "training step, median (min-max)", "ratio to vanilla (min)", "layers through the factors"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    table.add_row("vanilla", ms(r.vanilla), "1.00", "")
+    for row in r.rows:
+        table.add_row(row.mode, ms(row.step), f"{row.ratio:.2f}x ({row.ratio_min:.2f}x)",
+                      f"{len(row.feature_layers)} of {row.layers}")
+    console.print(table)
+    console.print(f"{r.vanilla.samples} timed steps each, all models interleaved in the same rounds")
+    for mode, reason in r.skipped.items():
+        console.print(f"[yellow]note[/]: {mode} not timed: {reason}")
+    if r.auto_vs_best is not None:
+        verdict = "within" if r.auto_within else "[red]outside[/]"
+        console.print(f"auto: {r.auto_vs_best:.3f}x the faster fixed form ({r.best_fixed}) by the medians, "
+                      f"{r.auto_vs_best_min:.3f}x by the minima; {verdict} the {AUTO_TOLERANCE:.2f}x bound")
 
 
 def print_bench(r: Any) -> None:

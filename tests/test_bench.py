@@ -91,3 +91,53 @@ def test_bench_runs_both_models_with_accumulation_and_bounds_it():
     assert r.accumulate == 4 and r.step_ratio > 0 and r.params_collapsed == r.params_vanilla
     with pytest.raises(KfloError, match="--accumulate 16 is out of range"):
         bench("lenet5", ["kflo"], batch_size=8, steps=1, warmup=0, accumulate=16)
+
+
+def test_compare_modes_times_every_mode_in_the_same_rounds():
+    from kflo_cli.bench import compare_modes
+
+    # batch 1, KFLO with the decay on W_1: auto runs LeNet-5's Linear layers through their factors (as
+    # test_bench_reports_each_layers_execution_form shows), kernel none, feature every layer
+    r = compare_modes("lenet5", ["kflo:decay=factors"], batch_size=1, steps=2, warmup=0)
+    rows = {row.mode: row for row in r.rows}
+    assert list(rows) == ["kernel", "feature", "auto"] and not r.skipped
+    assert r.vanilla.samples == 2 and all(row.step.samples == 2 for row in r.rows)
+    assert rows["kernel"].feature_layers == [] and len(rows["feature"].feature_layers) == rows["feature"].layers == 5
+    assert rows["auto"].feature_layers == ["classifier.0", "classifier.2", "classifier.4"]
+    for row in r.rows:
+        assert row.ratio == pytest.approx(row.step.median / r.vanilla.median)
+        assert row.ratio_min == pytest.approx(row.step.min / r.vanilla.min)
+    best = min((rows["kernel"], rows["feature"]), key=lambda row: row.step.median)
+    assert r.best_fixed == best.mode
+    assert r.auto_vs_best == pytest.approx(rows["auto"].step.median / best.step.median)
+    assert r.auto_within == (r.auto_vs_best <= 1.05)
+    assert r.to_dict()["auto_within"] == r.auto_within
+
+
+def test_compare_modes_skips_a_mode_a_recipe_refuses_and_needs_a_recipe_with_modes():
+    from kflo_cli.bench import compare_modes
+
+    with pytest.raises(KfloError, match="none of the recipes .* has an execution mode; drop --compare-modes"):
+        compare_modes("lenet5", ["acnet"], batch_size=2, steps=1, warmup=0)
+    with pytest.raises(KfloError, match="mode fastest is unknown"):
+        compare_modes("lenet5", ["kflo"], modes=("fastest",), batch_size=2, steps=1, warmup=0)
+    r = compare_modes("lenet5", ["kflo"], modes=("kernel", "auto"), batch_size=2, steps=1, warmup=0)
+    assert [row.mode for row in r.rows] == ["kernel", "auto"] and r.best_fixed == "kernel"
+    # a spec that names its mode is timed in that mode only; the others are reported as skipped, with the reason
+    r = compare_modes("lenet5", ["kflo:mode=kernel"], batch_size=2, steps=1, warmup=0)
+    assert [row.mode for row in r.rows] == ["kernel"] and set(r.skipped) == {"feature", "auto"}
+    assert "contradicts kflo:mode=kernel" in r.skipped["auto"] and r.auto_vs_best is None and r.auto_within is None
+
+
+def test_bench_cli_compares_modes_and_refuses_it_with_mode(tmp_path):
+    out = tmp_path / "m.json"
+    r = runner.invoke(app, ["bench", "lenet5", "--recipe", "kflo:decay=factors", "--compare-modes", "--steps", "1",
+                            "--warmup", "0", "--batch-size", "2", "--threads", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert [row["mode"] for row in data["rows"]] == ["kernel", "feature", "auto"]
+    assert "the faster fixed form" in r.output and "bound" in r.output
+    r = runner.invoke(app, ["bench", "lenet5", "--recipe", "kflo", "--compare-modes", "--mode", "auto",
+                            "--json", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "--mode and --compare-modes contradict" in r.stderr, r.output
+    assert not (tmp_path / "x.json").exists()

@@ -93,3 +93,26 @@ def test_compile_and_amp_under_ddp_with_ema(tmp_path):
     assert summary["collapsed"]["verification"]["passed"]
     config = json.loads((run / "config.json").read_text())
     assert config["compile"] and config["amp"] and config["ema"] == 0.9
+
+
+def test_accumulate_under_ddp_matches_one_process(tmp_path):
+    """--accumulate under torchrun: the model is not wrapped in DDP (the micro-batches reach composed kernels held as
+    leaves, not the parameters DDP watches); kflo broadcasts buffers and averages gradients itself. LeNet-5 has no
+    BatchNorm, so 2 ranks x 2 micro-batches of a 16-image batch must end where one process without accumulation
+    does, up to the order of float additions."""
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "kflo_cli", "train", "lenet5", *CLI, "--accumulate", "2", "-o", str(ddp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled_timeout(300),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_identical"] is True
+    assert summary["collapsed"]["verification"]["passed"]
+    single = start(resolve_config({"source": "lenet5", **OPTIONS}), tmp_path / "single",
+                   console=Console(file=io.StringIO()), progress=False)
+    assert single.summary.steps == summary["steps"]
+    a, b = load_file(str(ddp / "last.safetensors")), load_file(str(tmp_path / "single" / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key

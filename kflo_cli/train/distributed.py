@@ -63,6 +63,28 @@ class DistContext:
             for buf in model.buffers():
                 dist.broadcast(buf.data, src=0)
 
+    def broadcast_state(self, model: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every rank (what DistributedDataParallel does when it wraps)."""
+        if self.enabled:
+            for tensor in model.state_dict(keep_vars=True).values():
+                dist.broadcast(tensor.data, src=0)
+
+    def average_gradients(self, model: nn.Module) -> None:
+        """Average the gradients over ranks in place, as DistributedDataParallel's backward does (one flat
+        all-reduce; a parameter without a gradient stays without)."""
+        if not self.enabled:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def ranks_identical(self, model: nn.Module) -> bool:
         """Whether every rank holds bit-identical parameters and buffers (compares a SHA-256 of the bytes)."""
         if not self.enabled:
@@ -108,9 +130,17 @@ def setup(requested_device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, initialised_here=here)
 
 
-def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """The module to call for training: ``model`` itself, or a DistributedDataParallel around it."""
+def wrap(model: nn.Module, ctx: DistContext, *, manual_sync: bool = False) -> nn.Module:
+    """The module to call for training: ``model`` itself, or a DistributedDataParallel around it.
+
+    ``manual_sync`` (``--accumulate``, whose micro-batches back-propagate into composed kernels held as leaves,
+    not into the parameters DistributedDataParallel watches): ``model`` itself, with rank 0's state broadcast now;
+    the training step then syncs buffers and averages gradients itself (:meth:`DistContext.average_gradients`).
+    """
     if not ctx.enabled:
+        return model
+    if manual_sync:
+        ctx.broadcast_state(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 

@@ -110,10 +110,15 @@ def accumulated_backward(run: Run, parts: Parts, images: torch.Tensor, labels: t
     detached leaf through ``parametrize.cached()``'s cache; the micro-batches accumulate the leaf's gradient, and one
     backward through the compositions (with the recipes' penalty, which reads the composed tensors) carries it to the
     factors. The factors' gradients are those of the whole batch (each micro-batch's loss is weighted by its share
-    of the batch), as plain accumulation gives, at 1/N of the compositions. Returns (loss, penalty, logits, total),
+    of the batch), as plain accumulation gives, at 1/N of the compositions. Under torchrun the model is not wrapped in
+    DistributedDataParallel (its hooks watch the parameters, which the micro-batches do not reach): rank 0's buffers
+    are broadcast first and the gradients averaged over ranks last, as it would. Returns (loss, penalty, logits, total),
     detached, for the step's statistics; the gradients are in place for :func:`optimizer_step` (``loss=None``).
     """
     config = run.config
+    dist = getattr(run, "dist", None)
+    if dist is not None:
+        dist.broadcast_buffers(parts.model)  # as DistributedDataParallel does before each forward (net is not one)
     scaler = parts.scaler if parts.scaler is not None and parts.scaler.is_enabled() else None
     scale = (lambda t: scaler.scale(t)) if scaler is not None else (lambda t: t)
     n = labels.shape[0]
@@ -149,6 +154,8 @@ def accumulated_backward(run: Run, parts: Parts, images: torch.Tensor, labels: t
             if scaler is not None and roots[0] is penalty:
                 grads[0] = scale(grads[0])
             torch.autograd.backward(roots, grads)
+    if dist is not None:
+        dist.average_gradients(parts.model)
     loss = torch.stack(losses).sum()
     return loss, penalty.detach(), torch.cat(outputs), loss + penalty.detach()
 

@@ -96,9 +96,6 @@ def pretouched(model: nn.Module) -> list[tuple[nn.Module, str]]:
 def build_parts(run: Run, model: nn.Module) -> Parts:
     """Model on the device, parameter groups per recipe role, optimizer, schedule, AMP, EMA and teacher."""
     config, dist = run.config, run.dist
-    if config.accumulate > 1 and (dist.world_size > 1 or config.compile):
-        raise KfloError(f"--accumulate is not supported with {'torchrun (DDP)' if dist.world_size > 1 else '--compile'} "
-                        "yet; drop one of them")
     model = model.to(dist.device).train()
     groups = build_param_groups(model, config)
     optimizer = build_optimizer(groups, config)
@@ -106,9 +103,10 @@ def build_parts(run: Run, model: nn.Module) -> Parts:
     teacher = load_teacher(config, run.input_size, run.data.num_classes,
                            note=lambda text: run.console.print(f"[yellow]note[/]: {text}"))
     autocast, scaler = amp(config.amp, dist.device)
+    net = wrap(model, dist, manual_sync=config.accumulate > 1)
     return Parts(
         model=model,
-        net=torch.compile(wrap(model, dist)) if config.compile else wrap(model, dist),
+        net=torch.compile(net) if config.compile else net,
         groups=groups,
         optimizer=optimizer,
         modified_step=ModifiedAdaptiveStep(model, optimizer, groups),
