@@ -32,6 +32,9 @@ CASES = [
     ("conv 64->64 7x7 (CK), 4x4", lambda: nn.Conv2d(64, 64, 7, padding=3), (128, 64, 4, 4), "expandnet-ck:rate=4,init=random"),
     ("conv 32->64 3x3 (CL), 16x16", lambda: nn.Conv2d(32, 64, 3, padding=1), (128, 32, 16, 16), "expandnet-cl:rate=4,init=random"),
     ("linear 512->512 (FC)", lambda: nn.Linear(512, 512), (64, 512), "expandnet-fc:rate=4,classifier=expand,init=random"),
+    # ResNet-18's last two stages at 32x32 inputs under ExpandNet-CL
+    ("conv 256->256 3x3 (CL), 2x2", lambda: nn.Conv2d(256, 256, 3, padding=1, bias=False), (64, 256, 2, 2), "expandnet-cl:rate=4,init=random"),
+    ("conv 512->512 3x3 (CL), 1x1", lambda: nn.Conv2d(512, 512, 3, padding=1, bias=False), (64, 512, 1, 1), "expandnet-cl:rate=4,init=random"),
 ]
 
 
@@ -59,11 +62,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", default=None, help="run only cases whose label contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| layer, input | recipe | kernel ms | feature ms | auto picks | right? |")
     print("|---|---|---:|---:|---|---|")
     for label, build, shape, spec in CASES:
+        if args.only and args.only not in label:
+            continue
         kernel, _ = time_form(build, shape, spec, "kernel", args.rounds)
         feature, model = time_form(build, shape, spec, "feature", args.rounds)
         layer = model[0]

@@ -124,6 +124,29 @@ def test_live_taps_known_answers():
         assert live_taps(other, (4, 8, 1, 1) if not isinstance(other, nn.Linear) else (4, 8)) is None
 
 
+def _matches_the_full_kernel(conv: nn.Module, shape: tuple[int, ...], spec: str):
+    """``conv`` expanded with ``spec`` in float64, its factors moved off their start: checks that the outputs and every
+    factor's gradient on an input of ``shape`` equal those of the layer's own convolution with its full composed
+    kernel. Returns (model, layer, input, the convolution function)."""
+    torch.manual_seed(0)
+    model = kflo.expand(nn.Sequential(copy.deepcopy(conv).double()), spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    layer, x = model[0], torch.randn(shape, dtype=torch.float64)
+    conv_fn = (F.conv1d, F.conv2d, F.conv3d)[len(shape) - 3]
+    reference = conv_fn(x, layer.parametrizations.weight[0](), layer.bias, layer.stride, layer.padding,
+                        layer.dilation, layer.groups)
+    params = list(model.parameters())
+    want = torch.autograd.grad(reference.pow(2).sum(), params)
+    out = model(x)
+    got = torch.autograd.grad(out.pow(2).sum(), params)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    return model, layer, x, conv_fn
+
+
 @pytest.mark.parametrize("conv,shape", [
     (nn.Conv2d(8, 6, 3, padding=1), (4, 8, 1, 1)),
     (nn.Conv2d(8, 6, 3, padding=1, stride=2), (4, 8, 2, 2)),
@@ -140,22 +163,7 @@ def test_cropped_forms_compute_the_full_kernels_function(conv, shape, mode, deca
     gradient equal those of the layer's own convolution with the full composed kernel (float64)."""
     if mode == "feature" and conv.groups > 1:
         pytest.skip("KFLO runs grouped convolutions on the kernel only")
-    torch.manual_seed(0)
-    model = kflo.expand(nn.Sequential(copy.deepcopy(conv).double()), f"kflo:width=2,mode={mode},decay={decay}")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    layer, x = model[0], torch.randn(shape, dtype=torch.float64)
-    conv_fn = (F.conv1d, F.conv2d, F.conv3d)[len(shape) - 3]
-    reference = conv_fn(x, layer.parametrizations.weight[0](), layer.bias, layer.stride, layer.padding,
-                        layer.dilation, layer.groups)
-    params = list(model.parameters())
-    want = torch.autograd.grad(reference.pow(2).sum(), params)
-    out = model(x)
-    got = torch.autograd.grad(out.pow(2).sum(), params)
-    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    model, layer, x, conv_fn = _matches_the_full_kernel(conv, shape, f"kflo:width=2,mode={mode},decay={decay}")
     # the convolution that ran had the cropped kernel: its FLOPs are the full convolution's times kept / taps
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -171,3 +179,69 @@ def test_cropped_forms_compute_the_full_kernels_function(conv, shape, mode, deca
     kept = live_taps(layer, tuple(shape)).kept(layer.kernel_size)
     if mode == "kernel":
         assert conv_flops(lambda: model(x)) * math.prod(layer.kernel_size) == full * kept
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (nn.Conv2d(8, 6, 3, padding=1, bias=False), (4, 8, 1, 1)),
+    (nn.Conv2d(8, 6, 3, padding=1, stride=2, bias=False), (4, 8, 2, 2)),
+    (nn.Conv2d(8, 6, 5, padding=2, bias=False), (4, 8, 2, 3)),
+    (nn.Conv2d(8, 6, 3, padding=2, dilation=2, bias=False), (4, 8, 1, 2)),
+    (nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False), (4, 8, 1, 1)),
+    (nn.Conv1d(8, 6, 3, padding=1, bias=False), (4, 8, 1)),
+], ids=["1x1", "stride2", "5x5-rows", "dilation2", "grouped", "conv1d"])
+@pytest.mark.parametrize("mode", ["kernel", "feature", "auto"])
+@pytest.mark.parametrize("decay", ["composed", "factors"])
+def test_expandnet_cl_runs_its_live_taps_only_and_computes_the_full_kernels_function(conv, shape, mode, decay):
+    """ExpandNet-CL (1x1, k x k, 1x1, no bias) crops its k x k link to the live taps in both forms: outputs and every
+    factor's gradient equal those of the layer's own convolution with the full composed kernel (float64), and the
+    convolutions that ran did the cropped work."""
+    model, layer, x, conv_fn = _matches_the_full_kernel(
+        conv, shape, f"expandnet-cl:rate=2,init=random,mode={mode},decay={decay}")
+    chain = layer.parametrizations.weight[0]
+    assert chain.croppable
+    reference = conv_fn(x, chain(), None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kflo_cli.reparam.execution import live_taps
+
+    crop = live_taps(layer, tuple(shape))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    ran = int(counter.get_flop_counts()["Global"].get(torch.ops.aten.convolution, 0))
+    taps = math.prod(layer.kernel_size)
+    if mode == "feature":  # the k x k link's convolution on the live taps, the 1x1 links as they are
+        assert ran == 2 * chain.feature_macs(layer, tuple(shape), crop)
+        assert chain.feature_macs(layer, tuple(shape), crop) < chain.feature_macs(layer, tuple(shape))
+    elif mode == "kernel":
+        full = 2 * x.shape[0] * math.prod(reference.shape[2:]) * layer.weight.numel()
+        assert ran * taps == full * crop.kept(layer.kernel_size)
+
+
+def test_an_expandnet_chain_with_biases_or_several_multi_tap_links_runs_every_tap():
+    # with biases the padded border of the first (1x1) link holds its bias, which the dropped taps would read;
+    # ExpandNet-CK chains 3x3 links, across which the padding spreads: neither crops, and both stay exact
+    for spec, conv in (("expandnet-cl:rate=2,init=random", nn.Conv2d(8, 6, 3, padding=1)),
+                       ("expandnet-ck:rate=2,init=random", nn.Conv2d(8, 6, 5, padding=2, bias=False))):
+        for mode in ("kernel", "feature"):
+            torch.manual_seed(0)
+            model = kflo.expand(nn.Sequential(copy.deepcopy(conv).double()), f"{spec},mode={mode}")
+            layer, x = model[0], torch.randn(4, 8, 1, 1, dtype=torch.float64)
+            assert not layer.parametrizations.weight[0].croppable
+            reference = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding)
+            torch.testing.assert_close(model(x), reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec,conv", [
+    ("expandnet-cl:rate=2,init=random", nn.Conv2d(8, 6, 3, padding=1, bias=False)),
+    ("expandnet-ck:rate=2,init=random", nn.Conv2d(8, 6, 7, padding=3, bias=False)),
+    ("expandnet-ck:rate=2,init=random", nn.Conv2d(8, 8, 5, padding=2, groups=2, bias=False)),
+], ids=["cl", "ck-7x7", "ck-grouped"])
+def test_expandnet_composition_macs_are_what_composing_does(spec, conv):
+    # the cost model's count of composing the chain equals the multiply-accumulates torch counts when it composes
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = kflo.expand(nn.Sequential(copy.deepcopy(conv)), spec)
+    chain = model[0].parametrizations.weight[0]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        chain()
+    assert counter.get_total_flops() == 2 * chain.composition_macs()

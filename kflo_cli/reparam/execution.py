@@ -34,10 +34,12 @@ from .layers import padding_kind
 
 MODES = ("auto", "kernel", "feature")
 
-#: Choose the feature form only when it is estimated this much cheaper than the kernel form: a small margin
-#: against the cost model's error near the break-even point (the kernel form's one large matrix product runs
-#: closer to peak speed than several small ones).
-FEATURE_MARGIN = 0.8
+#: Choose the feature form only when it is estimated to cost at most this fraction of the kernel form's MACs. The
+#: kernel form's composition is a few large matrix products, which run near the machine's peak; the feature form
+#: runs the layer's input through wider convolutions, often on small maps, which do not: measured per layer
+#: (benchmarks/layer_forms.py, docs/performance.md) KFLO's feature form did about 1.6x less work per second than
+#: its composition, so it must be estimated that much cheaper to be faster.
+FEATURE_MARGIN = 0.6
 
 
 class Factored(Protocol):
@@ -145,8 +147,9 @@ def kernel_macs(module: nn.Module, param: "Factored", x_shape: tuple[int, ...], 
 
 
 def crops(param: Any) -> bool:
-    """Whether a parametrization composes and runs a cropped kernel (:func:`live_taps`)."""
-    return callable(getattr(param, "compose_taps", None))
+    """Whether a parametrization composes and runs a cropped kernel (:func:`live_taps`): it has ``compose_taps``
+    and does not say it cannot (``croppable``, e.g. an ExpandNet chain with biases)."""
+    return callable(getattr(param, "compose_taps", None)) and getattr(param, "croppable", True)
 
 
 def choose_form(module: nn.Module, param: Factored, x_shape: tuple[int, ...], crop: Crop | None = None) -> str:

@@ -160,8 +160,10 @@ class ExpandNetRecipe(WeightRecipe):
 
     def forward_class(self, layer: LayerContext) -> type | None:
         mode = self.values["mode"]
-        if mode == "kernel" or padding_kind(layer.module) is None:
+        if padding_kind(layer.module) is None:
             return None  # the layer's own forward on the composed kernel
+        # the kernel form too runs through execution.py: a croppable chain (CL without bias) drops the taps that
+        # only read padding (execution.live_taps)
         return form_class(type(layer.module), mode)
 
     def initialize(self, layer: LayerContext, parametrization: nn.Module) -> str | None:

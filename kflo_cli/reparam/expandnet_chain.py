@@ -184,13 +184,65 @@ class ExpandChain(nn.Module):
         kernel = tuple(sum(k[d] - 1 for k in self.kernels) + 1 for d in range(len(self.kernels[0])))
         return (self.widths[-1], self.widths[0] // self.groups, *kernel)
 
-    def run_features(self, module: nn.Module, x: torch.Tensor, padding: Any) -> torch.Tensor:
-        return self.run(x, padding)
+    @property
+    def croppable(self) -> bool:
+        """Whether the layer may run on its live taps only (:func:`~kflo_cli.reparam.execution.live_taps`), exactly:
+        a linear chain without biases whose one multi-tap link has only 1-tap, stride-1 links before it (ExpandNet-CL).
 
-    def feature_macs(self, module: nn.Module, x_shape: tuple[int, ...]) -> float:
-        """Each link's MACs at the resolution it runs at (padding on the first link, each link's own stride)."""
+        Then padding the input of the links before it equals padding their output, so the multi-tap link can take
+        the padding and drop the taps that read only padding. With biases the padded border of an earlier link holds
+        its bias, which those taps do read; a chain of several multi-tap links (CK) spreads the padding over them.
+        """
+        if self.linear or self.activation is not None or self.factors[0].bias is not None:
+            return False
+        spatial = [i for i, k in enumerate(self.kernels) if math.prod(k) > 1]
+        return len(spatial) == 1 and all(all(s == 1 for s in self.strides[i]) for i in range(spatial[0]))
+
+    def _cropped_kernels(self, crop: Any) -> tuple[int, list[tuple[int, ...]]]:
+        """The multi-tap link's index and every link's kernel size with that link cropped to ``crop``'s taps."""
+        spatial = next(i for i, k in enumerate(self.kernels) if math.prod(k) > 1)
+        kernels = list(self.kernels)
+        kernels[spatial] = tuple(len(range(*t.indices(k))) for t, k in zip(crop.taps, self.kernels[spatial]))
+        return spatial, kernels
+
+    def compose_taps(self, crop: Any) -> torch.Tensor:
+        """The composed kernel on the live taps only (:attr:`croppable` chains): the chain composed with its
+        multi-tap link cut to those taps, which is the slice ``W'[:, :, taps]`` at a fraction of the cost."""
+        spatial, _ = self._cropped_kernels(crop)
+        weights = [link.weight for link in self.factors]
+        weights[spatial] = weights[spatial][(slice(None), slice(None), *crop.taps)]
+        weight = weights[0]
+        for nxt in weights[1:]:
+            weight = compose(weight, nxt, self.groups)
+        return weight
+
+    def run_features(self, module: nn.Module, x: torch.Tensor, padding: Any, crop: Any = None) -> torch.Tensor:
+        """The links one after the other; with ``crop`` (:attr:`croppable` chains) the multi-tap link runs on the
+        live taps with ``padding`` (the crop's), the links before it unpadded."""
+        if crop is None:
+            return self.run(x, padding)
+        spatial, _ = self._cropped_kernels(crop)
+        conv = _CONV[len(self.dilation)]
+        for i, link in enumerate(self.factors):
+            weight = link.weight[(slice(None), slice(None), *crop.taps)] if i == spatial else link.weight
+            x = conv(x, weight, None, self.strides[i], padding if i == spatial else 0, self.dilation, self.groups)
+        return x
+
+    def feature_macs(self, module: nn.Module, x_shape: tuple[int, ...], crop: Any = None) -> float:
+        """Each link's MACs at the resolution it runs at (padding on the first link, each link's own stride; with
+        ``crop``, the multi-tap link cropped and padded as :meth:`run_features` runs it)."""
         from .execution import conv_output_size, samples
 
+        if crop is not None:
+            spatial, kernels = self._cropped_kernels(crop)
+            size = list(x_shape[2:])
+            total = 0.0
+            for i, link in enumerate(self.factors):
+                pad = crop.padding if i == spatial else (0,) * len(size)
+                size = [conv_output_size(n, k, st, p, d) for n, k, st, p, d
+                        in zip(size, kernels[i], self.strides[i], pad, self.dilation)]
+                total += math.prod(size) * link.weight.shape[0] * link.weight.shape[1] * math.prod(kernels[i])
+            return samples(module, x_shape) * total
         total = 0.0
         spatial = list(x_shape[len(x_shape) - len(self.kernels[0]):]) if not self.linear else []
         if not self.linear and len(x_shape) == len(self.kernels[0]) + 2:
@@ -207,13 +259,20 @@ class ExpandChain(nn.Module):
             return samples(module, x_shape) * total
         return samples(module, x_shape) * float(sum(link.weight.numel() for link in self.factors))
 
-    def composition_macs(self) -> float:
-        """Composing link by link: each step convolves the kernel so far with the next link's kernel."""
-        total, size = 0.0, list(self.kernels[0])
+    def composition_macs(self, crop: Any = None) -> float:
+        """Composing link by link: each step convolves the kernel so far with the next link's kernel (with
+        ``crop``, the multi-tap link cropped to the live taps)."""
+        kernels = self.kernels if crop is None else self._cropped_kernels(crop)[1]
+        total, size = 0.0, list(kernels[0])
         for i, link in enumerate(self.factors[1:], start=1):
             inner = self.widths[i] // self.groups
-            size = [a + b - 1 for a, b in zip(size, self.kernels[i])]
-            total += self.widths[i + 1] * inner * math.prod(self.kernels[i]) * (self.widths[0] // self.groups) * math.prod(size)
+            after = [a + b - 1 for a, b in zip(size, kernels[i])]
+            if math.prod(size) == 1 or math.prod(kernels[i]) == 1:  # compose's matrix products: each tap pair once
+                taps = math.prod(size) * math.prod(kernels[i])
+            else:  # compose's full convolution: every output tap against the whole next kernel, padding included
+                taps = math.prod(after) * math.prod(kernels[i])
+            total += self.widths[i + 1] * inner * (self.widths[0] // self.groups) * taps
+            size = after
         return total
 
     def composition_paid(self) -> bool:
