@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-import torch
 import torch.nn as nn
 
 from ..errors import KfloError
