@@ -105,7 +105,10 @@ class BenchResult(BenchSetting):
         return asdict(self)
 
 
-def _check_options(batch_size: int, steps: int, warmup: int, input_size: Sequence[int] | None) -> None:
+def _check_options(batch_size: int, steps: int, warmup: int, input_size: Sequence[int] | None,
+                   accumulate: int = 1) -> None:
+    from .train.config import TrainConfig
+
     if not 1 <= batch_size <= MAX_BATCH:
         raise KfloError(f"--batch-size {batch_size} is out of range; use an integer from 1 to {MAX_BATCH}")
     if not 1 <= steps <= MAX_STEPS:
@@ -116,6 +119,7 @@ def _check_options(batch_size: int, steps: int, warmup: int, input_size: Sequenc
         from .verify import check_options
 
         check_options(input_size=input_size)  # the input-size bound every command shares
+    TrainConfig(batch_size=batch_size, accumulate=accumulate).validate()  # kflo train's own --accumulate bound
 
 
 def with_mode(specs: Sequence[Any], mode: str | None) -> list[Any]:
@@ -327,6 +331,26 @@ def _fitting_kwargs(model: str, kwargs: dict[str, Any], input_size: Sequence[int
                     "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
 
 
+def _vanilla_and_batch(model: str, kwargs: dict[str, Any], input_size: Sequence[int] | None, batch_size: int,
+                       seed: int, dev: torch.device) -> tuple[nn.Module, tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """The vanilla model (seeded), the input size, and one seeded random batch of images and labels on ``dev``."""
+    from .models import create_model, default_input_size
+
+    torch.manual_seed(seed)
+    vanilla = create_model(model, **kwargs)
+    size = tuple(input_size) if input_size else tuple(default_input_size(vanilla))
+    problem = _accepts(vanilla, size)
+    if problem is not None:
+        raise KfloError(f"{model} does not take inputs of size {','.join(map(str, size))} ({problem}); pass "
+                        "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn((batch_size, *size), generator=generator).to(dev)
+    with torch.no_grad():
+        classes = vanilla.eval()(images[:1].cpu()).shape[-1]
+    labels = torch.randint(0, classes, (batch_size,), generator=generator).to(dev)
+    return vanilla, size, images, labels
+
+
 def _layer_rows(model: nn.Module, forms: dict[str, dict[tuple[int, ...], str]]) -> list[dict[str, Any]]:
     """One row per rewritten layer; ``form`` is how it ran in the timed training steps (``kernel``/``feature``, or
     ``None`` for a recipe without execution forms)."""
@@ -366,14 +390,11 @@ def bench(
 
     ``progress(phase, done, total)`` is called as the work advances.
     """
-    from .models import create_model, default_input_size
+    from .models import create_model
     from .pipeline import expand_model
     from .surgery import collapse
 
-    _check_options(batch_size, steps, warmup, input_size)
-    from .train.config import TrainConfig
-
-    TrainConfig(batch_size=batch_size, accumulate=accumulate).validate()  # kflo train's own --accumulate bound
+    _check_options(batch_size, steps, warmup, input_size, accumulate)
     specs = with_mode(recipes, mode)
     if not specs:
         raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] (`kflo recipes` lists them)")
@@ -384,23 +405,12 @@ def bench(
 
     say("build", 0, total)
     kwargs = _fitting_kwargs(model, kwargs, input_size, seed)
-    torch.manual_seed(seed)
-    vanilla = create_model(model, **kwargs)
+    vanilla, size, images, labels = _vanilla_and_batch(model, kwargs, input_size, batch_size, seed, dev)
     torch.manual_seed(seed)
     to_expand = create_model(model, **kwargs)
     start = time.perf_counter()
     expanded = expand_model(to_expand, specs, include=include, exclude=exclude, seed=seed)
     expand_seconds = time.perf_counter() - start
-    size = tuple(input_size) if input_size else tuple(default_input_size(vanilla))
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn((batch_size, *size), generator=generator).to(dev)
-    problem = _accepts(vanilla, size)
-    if problem is not None:
-        raise KfloError(f"{model} does not take inputs of size {','.join(map(str, size))} ({problem}); pass "
-                        "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
-    with torch.no_grad():
-        classes = vanilla.eval()(images[:1].cpu()).shape[-1]
-    labels = torch.randint(0, classes, (batch_size,), generator=generator).to(dev)
     params_vanilla = sum(p.numel() for p in vanilla.parameters())
     params_training = sum(p.numel() for p in expanded.parameters() if p.requires_grad)
 
@@ -556,13 +566,10 @@ def compare_modes(
     which is what checking ``mode=auto`` against the fixed forms needs. A spec that names its own mode is timed in
     that mode only (the others are listed in ``skipped``).
     """
-    from .models import create_model, default_input_size
+    from .models import create_model
     from .pipeline import expand_model
 
-    _check_options(batch_size, steps, warmup, input_size)
-    from .train.config import TrainConfig
-
-    TrainConfig(batch_size=batch_size, accumulate=accumulate).validate()
+    _check_options(batch_size, steps, warmup, input_size, accumulate)
     if not recipes:
         raise KfloError("no recipe given; pass --recipe NAME[:key=value,...] (`kflo recipes` lists them)")
     unknown = [m for m in modes if m not in MODES]
@@ -584,18 +591,7 @@ def compare_modes(
                              input_size, seed)
     total = (len(specs_by_mode) + 1) * (warmup + steps) + 1
     say("build", 0, total)
-    torch.manual_seed(seed)
-    vanilla = create_model(model, **kwargs)
-    size = tuple(input_size) if input_size else tuple(default_input_size(vanilla))
-    problem = _accepts(vanilla, size)
-    if problem is not None:
-        raise KfloError(f"{model} does not take inputs of size {','.join(map(str, size))} ({problem}); pass "
-                        "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn((batch_size, *size), generator=generator).to(dev)
-    with torch.no_grad():
-        classes = vanilla.eval()(images[:1].cpu()).shape[-1]
-    labels = torch.randint(0, classes, (batch_size,), generator=generator).to(dev)
+    vanilla, size, images, labels = _vanilla_and_batch(model, kwargs, input_size, batch_size, seed, dev)
     trainers = {"vanilla": _Trainer(vanilla, dev, amp=amp, compile_model=compile_model, accumulate=accumulate)}
     expanded: dict[str, nn.Module] = {}
     for mode, specs in specs_by_mode.items():

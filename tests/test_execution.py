@@ -127,7 +127,7 @@ def test_live_taps_known_answers():
 def _matches_the_full_kernel(conv: nn.Module, shape: tuple[int, ...], spec: str):
     """``conv`` expanded with ``spec`` in float64, its factors moved off their start: checks that the outputs and every
     factor's gradient on an input of ``shape`` equal those of the layer's own convolution with its full composed
-    kernel. Returns (model, layer, input, the convolution function)."""
+    kernel. Returns (model, layer, input, the convolution function, the reference output)."""
     torch.manual_seed(0)
     model = kflo.expand(nn.Sequential(copy.deepcopy(conv).double()), spec)
     with torch.no_grad():
@@ -144,7 +144,7 @@ def _matches_the_full_kernel(conv: nn.Module, shape: tuple[int, ...], spec: str)
     torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    return model, layer, x, conv_fn
+    return model, layer, x, conv_fn, reference.detach()
 
 
 @pytest.mark.parametrize("conv,shape", [
@@ -163,7 +163,7 @@ def test_cropped_forms_compute_the_full_kernels_function(conv, shape, mode, deca
     gradient equal those of the layer's own convolution with the full composed kernel (float64)."""
     if mode == "feature" and conv.groups > 1:
         pytest.skip("KFLO runs grouped convolutions on the kernel only")
-    model, layer, x, conv_fn = _matches_the_full_kernel(conv, shape, f"kflo:width=2,mode={mode},decay={decay}")
+    model, layer, x, conv_fn, _ = _matches_the_full_kernel(conv, shape, f"kflo:width=2,mode={mode},decay={decay}")
     # the convolution that ran had the cropped kernel: its FLOPs are the full convolution's times kept / taps
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -195,11 +195,10 @@ def test_expandnet_cl_runs_its_live_taps_only_and_computes_the_full_kernels_func
     """ExpandNet-CL (1x1, k x k, 1x1, no bias) crops its k x k link to the live taps in both forms: outputs and every
     factor's gradient equal those of the layer's own convolution with the full composed kernel (float64), and the
     convolutions that ran did the cropped work."""
-    model, layer, x, conv_fn = _matches_the_full_kernel(
+    model, layer, x, _, reference = _matches_the_full_kernel(
         conv, shape, f"expandnet-cl:rate=2,init=random,mode={mode},decay={decay}")
     chain = layer.parametrizations.weight[0]
     assert chain.croppable
-    reference = conv_fn(x, chain(), None, layer.stride, layer.padding, layer.dilation, layer.groups)
     from torch.utils.flop_counter import FlopCounterMode
 
     from kflo_cli.reparam.execution import live_taps

@@ -156,15 +156,18 @@ class ExpandChain(nn.Module):
         :meth:`reset_random` and :meth:`init_preserving`), because the start also depends on the bias."""
         return ()
 
-    def run(self, x: torch.Tensor, padding: int | tuple[int, ...]) -> torch.Tensor:
-        """The feature-filtering form: apply the links one after the other (``padding`` on the first only)."""
+    def run(self, x: torch.Tensor, padding: int | tuple[int, ...], crop: Any = None) -> torch.Tensor:
+        """The feature-filtering form: apply the links one after the other (``padding`` on the first only; with
+        ``crop``, for :attr:`croppable` chains, on the multi-tap link, which runs on the live taps only)."""
         last = len(self.factors) - 1
         act = ACTIVATIONS[self.activation] if self.activation else None
+        padded, _ = self._padded_link(crop)
         for i, link in enumerate(self.factors):
             if self.linear:
                 x = F.linear(x, link.weight, link.bias)
             else:
-                x = _CONV[len(self.dilation)](x, link.weight, link.bias, self.strides[i], padding if i == 0 else 0,
+                weight = link.weight if crop is None or i != padded else link.weight[(slice(None), slice(None), *crop.taps)]
+                x = _CONV[len(self.dilation)](x, weight, link.bias, self.strides[i], padding if i == padded else 0,
                                               self.dilation, self.groups)
             if act is not None and i < last:
                 x = act(x)
@@ -198,8 +201,11 @@ class ExpandChain(nn.Module):
         spatial = [i for i, k in enumerate(self.kernels) if math.prod(k) > 1]
         return len(spatial) == 1 and all(all(s == 1 for s in self.strides[i]) for i in range(spatial[0]))
 
-    def _cropped_kernels(self, crop: Any) -> tuple[int, list[tuple[int, ...]]]:
-        """The multi-tap link's index and every link's kernel size with that link cropped to ``crop``'s taps."""
+    def _padded_link(self, crop: Any) -> tuple[int, list[tuple[int, ...]]]:
+        """The link that takes the layer's padding, and every link's kernel size: the first link and the kernels as
+        they are; with ``crop`` (:attr:`croppable` chains) the multi-tap link, cut to ``crop``'s taps."""
+        if crop is None:
+            return 0, list(self.kernels)
         spatial = next(i for i, k in enumerate(self.kernels) if math.prod(k) > 1)
         kernels = list(self.kernels)
         kernels[spatial] = tuple(len(range(*t.indices(k))) for t, k in zip(crop.taps, self.kernels[spatial]))
@@ -208,7 +214,7 @@ class ExpandChain(nn.Module):
     def compose_taps(self, crop: Any) -> torch.Tensor:
         """The composed kernel on the live taps only (:attr:`croppable` chains): the chain composed with its
         multi-tap link cut to those taps, which is the slice ``W'[:, :, taps]`` at a fraction of the cost."""
-        spatial, _ = self._cropped_kernels(crop)
+        spatial, _ = self._padded_link(crop)
         weights = [link.weight for link in self.factors]
         weights[spatial] = weights[spatial][(slice(None), slice(None), *crop.taps)]
         weight = weights[0]
@@ -217,52 +223,34 @@ class ExpandChain(nn.Module):
         return weight
 
     def run_features(self, module: nn.Module, x: torch.Tensor, padding: Any, crop: Any = None) -> torch.Tensor:
-        """The links one after the other; with ``crop`` (:attr:`croppable` chains) the multi-tap link runs on the
-        live taps with ``padding`` (the crop's), the links before it unpadded."""
-        if crop is None:
-            return self.run(x, padding)
-        spatial, _ = self._cropped_kernels(crop)
-        conv = _CONV[len(self.dilation)]
-        for i, link in enumerate(self.factors):
-            weight = link.weight[(slice(None), slice(None), *crop.taps)] if i == spatial else link.weight
-            x = conv(x, weight, None, self.strides[i], padding if i == spatial else 0, self.dilation, self.groups)
-        return x
+        return self.run(x, padding, crop)
 
     def feature_macs(self, module: nn.Module, x_shape: tuple[int, ...], crop: Any = None) -> float:
         """Each link's MACs at the resolution it runs at (padding on the first link, each link's own stride; with
-        ``crop``, the multi-tap link cropped and padded as :meth:`run_features` runs it)."""
+        ``crop``, the multi-tap link cropped and padded as :meth:`run` runs it)."""
         from .execution import conv_output_size, samples
 
-        if crop is not None:
-            spatial, kernels = self._cropped_kernels(crop)
-            size = list(x_shape[2:])
-            total = 0.0
-            for i, link in enumerate(self.factors):
-                pad = crop.padding if i == spatial else (0,) * len(size)
-                size = [conv_output_size(n, k, st, p, d) for n, k, st, p, d
-                        in zip(size, kernels[i], self.strides[i], pad, self.dilation)]
-                total += math.prod(size) * link.weight.shape[0] * link.weight.shape[1] * math.prod(kernels[i])
-            return samples(module, x_shape) * total
+        if self.linear or len(x_shape) != len(self.kernels[0]) + 2:
+            return samples(module, x_shape) * float(sum(link.weight.numel() for link in self.factors))
+        padded, kernels = self._padded_link(crop)
+        spatial = list(x_shape[2:])
+        padding = crop.padding if crop is not None else getattr(module, "padding", 0)
+        if isinstance(padding, str):  # "same"/"valid": the input is padded before the chain, see padded_input
+            padding = (0,) * len(spatial)
+            if module.padding == "same":
+                spatial = [s + d * (k - 1) for s, d, k in zip(spatial, self.dilation, self.weight_shape[2:])]
         total = 0.0
-        spatial = list(x_shape[len(x_shape) - len(self.kernels[0]):]) if not self.linear else []
-        if not self.linear and len(x_shape) == len(self.kernels[0]) + 2:
-            padding = getattr(module, "padding", 0)
-            if isinstance(padding, str):  # "same"/"valid": the input is padded before the chain, see padded_input
-                padding = (0,) * len(spatial)
-                if module.padding == "same":
-                    spatial = [s + d * (k - 1) for s, d, k in zip(spatial, self.dilation, self.weight_shape[2:])]
-            for i, link in enumerate(self.factors):
-                pad = padding if i == 0 else (0,) * len(spatial)
-                spatial = [conv_output_size(s, k, st, p, d) for s, k, st, p, d
-                           in zip(spatial, self.kernels[i], self.strides[i], pad, self.dilation)]
-                total += math.prod(spatial) * link.weight.numel()
-            return samples(module, x_shape) * total
-        return samples(module, x_shape) * float(sum(link.weight.numel() for link in self.factors))
+        for i, link in enumerate(self.factors):
+            pad = padding if i == padded else (0,) * len(spatial)
+            spatial = [conv_output_size(s, k, st, p, d) for s, k, st, p, d
+                       in zip(spatial, kernels[i], self.strides[i], pad, self.dilation)]
+            total += math.prod(spatial) * link.weight.shape[0] * link.weight.shape[1] * math.prod(kernels[i])
+        return samples(module, x_shape) * total
 
     def composition_macs(self, crop: Any = None) -> float:
         """Composing link by link: each step convolves the kernel so far with the next link's kernel (with
         ``crop``, the multi-tap link cropped to the live taps)."""
-        kernels = self.kernels if crop is None else self._cropped_kernels(crop)[1]
+        _, kernels = self._padded_link(crop)
         total, size = 0.0, list(kernels[0])
         for i, link in enumerate(self.factors[1:], start=1):
             inner = self.widths[i] // self.groups
