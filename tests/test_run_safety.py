@@ -420,7 +420,10 @@ def test_ctrl_c_while_importing_is_one_line_and_exit_130(module, argv):
 
 def test_a_real_sigint_during_start_up_prints_no_traceback(tmp_path):
     cmd = [sys.executable, "-m", "kflo_cli", "train", "lenet5", *FAST, "--epochs", "1", "-o", str(tmp_path / "run")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # SIGINT back to its default in the child: a suite started as a background job of a non-interactive shell
+    # inherits SIGINT ignored, and the child would then run to completion instead of being interrupted
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # interrupt while torch is being imported (inside the guarded entry point): on Linux, wait until the process has
     # started mapping torch's libraries (a fixed sleep lands before Python's own SIGINT handler on a busy machine)
     maps = Path(f"/proc/{proc.pid}/maps")
