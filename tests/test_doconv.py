@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import kflo_cli as kflo
 from kflo_cli.errors import KfloError
-from kflo_cli.reparam.doconv import DOConvParametrization
+from kflo_cli.reparam.doconv import DOConvParametrization, compose_doconv
 
 from conftest import slow_cases
 from recipe_checks import cli_roundtrip, conv_configs, layer_roundtrip, zoo_roundtrip
@@ -146,3 +146,45 @@ def test_cli_expand_collapse_verify(tmp_path):
     from safetensors.torch import load_file
 
     timm.create_model("test_resnet", num_classes=4).load_state_dict(load_file(str(plain)), strict=True)
+
+
+@pytest.mark.parametrize("groups,cin,cout,kernel,dmul",
+                         [(1, 3, 4, (3, 3), 9), (2, 4, 6, (3, 3), 11), (3, 3, 6, (3,), 3), (4, 4, 4, (2, 2, 2), 8),
+                          (1, 5, 7, (5, 5), 25)])
+def test_composition_matches_the_definition_in_value_and_gradient(groups, cin, cout, kernel, dmul):
+    """``compose_doconv`` (a batched product with its own backward) against the definition run through autograd."""
+    torch.manual_seed(groups + dmul)
+    shape = (cout, cin // groups, *kernel)
+    taps = math.prod(kernel)
+    w = torch.randn(cout, cin // groups, dmul, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(cin, taps, dmul, dtype=torch.float64, requires_grad=True)
+    eye = torch.eye(taps, dmul, dtype=torch.float64)
+    fast = compose_doconv(w, d + eye, groups).reshape(shape)
+    slow = naive_doconv(w, d, groups, shape)
+    assert torch.allclose(fast, slow, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(shape, dtype=torch.float64)
+    fast_grads = torch.autograd.grad((fast * upstream).sum(), (w, d))
+    slow_grads = torch.autograd.grad((slow * upstream).sum(), (w, d))
+    for a, b in zip(fast_grads, slow_grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: compose_doconv(a, b, groups), (w, d + eye))
+
+
+def test_composition_under_bfloat16_autocast_gives_float32_gradients():
+    """Under autocast the kernel comes out in bfloat16 and its gradient arrives in bfloat16; the factors' gradients
+    must come back in their own dtype, close to the float32 ones."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, padding=1)
+    model = kflo.expand(nn.Sequential(layer), "doconv")
+    inner = model[0].parametrizations.weight[0]
+    with torch.no_grad():
+        inner.depthwise.normal_(std=0.1)
+    x = torch.randn(2, 4, 5, 5)
+    model(x).square().sum().backward()
+    reference = [inner.kernel.grad.clone(), inner.depthwise.grad.clone()]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().square().sum().backward()
+    for p, ref in zip((inner.kernel, inner.depthwise), reference):
+        assert p.grad.dtype == torch.float32
+        assert torch.allclose(p.grad, ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
