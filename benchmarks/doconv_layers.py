@@ -3,7 +3,7 @@
 `python benchmarks/doconv_layers.py [--threads 1] [--rounds 8]`: for 3x3 convolutions in->in at the map sizes of
 timm's resnet18 stages on 64x64 inputs (batch 64), the median forward+backward time of the vanilla layer, of the
 DO-Conv layer (composition included), of the composition alone (kflo's batched product, and the same
-contraction through `torch.einsum`, the formulation kflo used before 2026-12-03), and of DO-Conv's feature form (the input through
+contraction through `torch.einsum` on W stored in the paper's layout, what kflo did before 2026-12-03), and of DO-Conv's feature form (the input through
 D as a depthwise convolution with D_mul outputs per channel, then W as a 1x1 convolution: the same function without
 composing W'), interleaved round by round.
 """
@@ -36,10 +36,12 @@ def main() -> None:
             # (D + I)[c, s, d] as a depthwise kernel: output channel c * D_mul + d reads channel c with taps s
             depthwise = (factors.depthwise + factors.eye).transpose(1, 2).reshape(channels * dmul, 1, 3, 3)
             hidden = F.conv2d(x, depthwise, padding=1, groups=channels)
-            return F.conv2d(hidden, factors.kernel.reshape(channels, channels * dmul, 1, 1))
+            return F.conv2d(hidden, factors.kernel().reshape(channels, channels * dmul, 1, 1))
+
+        paper_kernel = factors.kernel().detach().requires_grad_()  # W as a leaf in the paper's layout, as before
 
         def composition_einsum() -> torch.Tensor:
-            return torch.einsum("ocd,csd->ocs", factors.kernel, factors.depthwise + factors.eye)
+            return torch.einsum("ocd,csd->ocs", paper_kernel, factors.depthwise + factors.eye)
 
         with torch.no_grad():  # the same function (float32 rounding apart)
             torch.testing.assert_close(feature_form(), expanded(x), rtol=1e-4, atol=1e-4)

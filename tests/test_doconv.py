@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import kflo_cli as kflo
 from kflo_cli.errors import KfloError
-from kflo_cli.reparam.doconv import DOConvParametrization, compose_doconv
+from kflo_cli.reparam.doconv import DOConvParametrization, channel_kernels_of, compose_doconv
 
 from conftest import slow_cases
 from recipe_checks import cli_roundtrip, conv_configs, layer_roundtrip, zoo_roundtrip
@@ -43,7 +43,7 @@ def test_doconv_layer_start_collapse_and_count(cfg, extra, seed):
     expanded.train()
     expanded(x).pow(2).sum().backward()
     inner = expanded.parametrizations.weight[0]
-    assert inner.kernel.grad.abs().sum() > 0 and inner.depthwise.grad.abs().sum() > 0
+    assert inner.channel_kernels.grad.abs().sum() > 0 and inner.depthwise.grad.abs().sum() > 0
 
 
 def naive_doconv(kernel: torch.Tensor, depthwise: torch.Tensor, groups: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -67,7 +67,7 @@ def test_depthwise_matrix_is_tied_to_the_true_input_channel(groups, cin, cout):
     inner.right_inverse(layer.weight.detach())
     with torch.no_grad():
         inner.depthwise.normal_()
-    assert torch.allclose(inner(), naive_doconv(inner.kernel, inner.depthwise, groups, layer.weight.shape), atol=1e-12)
+    assert torch.allclose(inner(), naive_doconv(inner.kernel(), inner.depthwise, groups, layer.weight.shape), atol=1e-12)
     # Changing D of true input channel c changes only the filters of c's group, and only at c's position.
     base = inner().detach().clone()
     c_true = cin - 1
@@ -84,8 +84,8 @@ def test_extra_columns_are_random_and_depthwise_starts_at_zero():
     layer = nn.Conv2d(2, 3, 3)
     inner = DOConvParametrization(layer.weight.shape, 2, 1, 12)
     inner.right_inverse(layer.weight.detach())
-    assert torch.equal(inner.kernel[:, :, :9], layer.weight.detach().reshape(3, 2, 9))
-    assert inner.kernel[:, :, 9:].abs().sum() > 0, "zero extra columns facing a zero D never train"
+    assert torch.equal(inner.kernel()[:, :, :9], layer.weight.detach().reshape(3, 2, 9))
+    assert inner.kernel()[:, :, 9:].abs().sum() > 0, "zero extra columns facing a zero D never train"
     assert inner.depthwise.abs().sum() == 0
 
 
@@ -119,7 +119,7 @@ def test_timm_weight_reading_subclasses(cls_name):
 def test_roles_and_gradients():
     model = kflo.expand(nn.Sequential(nn.Conv2d(2, 3, 3)), "doconv")
     roles = kflo.param_roles(model)
-    assert roles["0.parametrizations.weight.0.kernel"].kind == "doconv-kernel"
+    assert roles["0.parametrizations.weight.0.channel_kernels"].kind == "doconv-kernel"
     assert roles["0.parametrizations.weight.0.depthwise"].kind == "doconv-depthwise"
     assert kflo.step_scales(model) == {}
 
@@ -159,7 +159,7 @@ def test_composition_matches_the_definition_in_value_and_gradient(groups, cin, c
     w = torch.randn(cout, cin // groups, dmul, dtype=torch.float64, requires_grad=True)
     d = torch.randn(cin, taps, dmul, dtype=torch.float64, requires_grad=True)
     eye = torch.eye(taps, dmul, dtype=torch.float64)
-    fast = compose_doconv(w, d + eye, groups).reshape(shape)
+    fast = compose_doconv(channel_kernels_of(w, groups), d + eye, groups).reshape(shape)
     slow = naive_doconv(w, d, groups, shape)
     assert torch.allclose(fast, slow, rtol=1e-12, atol=1e-12)
     upstream = torch.randn(shape, dtype=torch.float64)
@@ -167,7 +167,8 @@ def test_composition_matches_the_definition_in_value_and_gradient(groups, cin, c
     slow_grads = torch.autograd.grad((slow * upstream).sum(), (w, d))
     for a, b in zip(fast_grads, slow_grads):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda a, b: compose_doconv(a, b, groups), (w, d + eye))
+    assert torch.autograd.gradcheck(lambda a, b: compose_doconv(a, b, groups),
+                                    (channel_kernels_of(w, groups).detach().requires_grad_(), d + eye))
 
 
 def test_composition_under_bfloat16_autocast_gives_float32_gradients():
@@ -181,10 +182,30 @@ def test_composition_under_bfloat16_autocast_gives_float32_gradients():
         inner.depthwise.normal_(std=0.1)
     x = torch.randn(2, 4, 5, 5)
     model(x).square().sum().backward()
-    reference = [inner.kernel.grad.clone(), inner.depthwise.grad.clone()]
+    reference = [inner.channel_kernels.grad.clone(), inner.depthwise.grad.clone()]
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x).float().square().sum().backward()
-    for p, ref in zip((inner.kernel, inner.depthwise), reference):
+    for p, ref in zip((inner.channel_kernels, inner.depthwise), reference):
         assert p.grad.dtype == torch.float32
         assert torch.allclose(p.grad, ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
+
+
+def test_checkpoints_hold_w_in_the_paper_layout_and_load_back():
+    """W is stored per input channel but ``state_dict()`` holds the paper's ``out x in/groups x D_mul`` under
+    ``kernel`` (the layout of every checkpoint before the per-channel storage), and loading it restores W'."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, groups=2)
+    inner = DOConvParametrization(layer.weight.shape, 4, 2, 10)
+    inner.right_inverse(layer.weight.detach())
+    with torch.no_grad():
+        inner.depthwise.normal_()
+        inner.channel_kernels.normal_()
+    state = inner.state_dict()
+    assert list(state) == ["kernel", "depthwise"] and state["kernel"].shape == (6, 2, 10)
+    assert torch.equal(state["kernel"], naive_kernel := inner.kernel().detach())
+    # the paper's definition on the saved layout gives the composed kernel
+    assert torch.allclose(naive_doconv(naive_kernel, state["depthwise"], 2, layer.weight.shape), inner(), atol=1e-6)
+    fresh = DOConvParametrization(layer.weight.shape, 4, 2, 10)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(), inner())

@@ -113,6 +113,43 @@ def test_run_dirs_of_earlier_versions_resume_with_a_note_and_lose_their_leftover
     assert not stale.exists()
 
 
+def test_a_doconv_state_from_before_the_per_channel_layout_is_refused(tmp_path):
+    # DO-Conv's W is stored per input channel since 2026-12-03 and the optimizer's momentum follows that storage:
+    # a state saved before (no factor_layout) would resume with momentum in the other layout
+    run = tmp_path / "run"
+    started(run, "doconv")
+    state = load_state(run)
+    save_state(run, model=state["model"], optimizer=state["optimizer"], ema=state["ema"], scaler=state["scaler"],
+               rng=state["rng"], info={k: v for k, v in state["info"].items() if k != "factor_layout"})
+    before = (run / "state.safetensors").read_bytes()
+    r = runner.invoke(app, ["train", "--resume", str(run)])
+    line = one_error_line(r)
+    assert r.exit_code == 2 and "stored DO-Conv's factors in another layout" in line and "--overwrite" in line
+    assert (run / "state.safetensors").read_bytes() == before
+    # the same state with the marker resumes; a KFLO state without it too (its layout never changed)
+    other = tmp_path / "kflo"
+    started(other, "kflo")
+    state = load_state(other)
+    save_state(other, model=state["model"], optimizer=state["optimizer"], ema=state["ema"], scaler=state["scaler"],
+               rng=state["rng"], info={k: v for k, v in state["info"].items() if k != "factor_layout"})
+    r = runner.invoke(app, ["train", "--resume", str(other), "--stop-after-steps", "2"])
+    assert r.exit_code == 130, r.output
+
+
+def test_an_optimizer_state_that_does_not_fit_the_parameters_is_refused(tmp_path):
+    run = tmp_path / "run"
+    started(run, "kflo")
+    state = load_state(run)
+    optimizer = state["optimizer"]
+    entry = next(v for v in optimizer["state"].values() if getattr(v.get("momentum_buffer"), "ndim", 0) > 1)
+    entry["momentum_buffer"] = entry["momentum_buffer"].reshape(-1)  # the same elements in another shape
+    save_state(run, model=state["model"], optimizer=optimizer, ema=state["ema"], scaler=state["scaler"],
+               rng=state["rng"], info=state["info"])
+    r = runner.invoke(app, ["train", "--resume", str(run)])
+    line = one_error_line(r)
+    assert r.exit_code == 2 and "'momentum_buffer' of shape" in line and "does not belong to this model" in line
+
+
 def test_collapse_from_best_refuses_a_best_checkpoint_of_another_run(tmp_path):
     from kflo_cli.train.run_dir import check_checkpoint
 

@@ -10,10 +10,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+
 from .. import checkpoint
 from .._atomic import make_dirs, remove_made_dirs, remove_stale_temps, write_text_atomic
 from .._lock import LOCK_FILE, DirLock
 from ..errors import KfloError
+from ..reparam.doconv import DOConvParametrization
 from . import report
 from .config import CONFIG_FILE, IDENTITY_KEYS, TrainConfig
 from .distributed import DistContext
@@ -148,6 +151,11 @@ def check_identity(run_dir: Path, config: TrainConfig, info: dict[str, Any], not
     return state_id
 
 
+#: The storage layout of the recipes' factors, which the optimizer's per-parameter state follows. 2: DO-Conv's W
+#: per input channel (2026-12-03); states without the entry are layout 1.
+FACTOR_LAYOUT = 2
+
+
 def info(run: Run, parts: Parts, counters: Counters) -> dict[str, Any]:
     """The state's JSON block: the counters and what rebuilding the run needs (model metadata, data arguments)."""
     meta = checkpoint.model_metadata(parts.model)
@@ -162,6 +170,7 @@ def info(run: Run, parts: Parts, counters: Counters) -> dict[str, Any]:
         "world_size": run.dist.world_size,
         "steps_per_epoch": run.steps_per_epoch,
         "num_train": run.num_train,
+        "factor_layout": FACTOR_LAYOUT,
     }
 
 
@@ -226,6 +235,20 @@ def check_checkpoint(run: Run, path: Path) -> None:
                         f"over with -o {run.run_dir} --overwrite")
 
 
+def check_optimizer_state(optimizer: torch.optim.Optimizer, run: Run) -> None:
+    """Refuse an optimizer state whose per-parameter tensors (momentum, Adam's moments) do not have their parameter's
+    shape: ``load_state_dict`` does not check, and the first step would fail or, with equal element counts, run
+    with scrambled momentum (a state edited by hand, or saved by code that laid a factor out differently)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise KfloError(
+                        f"the optimizer state in {run.run_dir} has a '{name}' of shape {tuple(value.shape)} for a "
+                        f"parameter of shape {tuple(param.shape)}, so it does not belong to this model; start the run "
+                        f"over with -o {run.run_dir} --overwrite")
+
+
 def restore(run: Run, parts: Parts, state: dict[str, Any]) -> Counters:
     """Put a saved state (see :func:`kflo_cli.train.state.load_state`) back into ``parts``; return its counters."""
     saved = state["info"]
@@ -234,8 +257,13 @@ def restore(run: Run, parts: Parts, state: dict[str, Any]) -> Counters:
             f"the training set has {run.num_train} samples now but {saved['num_train']} when the run was saved; "
             "resume with the same data (--data, --data-dir) or start a new run"
         )
+    if saved.get("factor_layout", 1) < 2 and any(isinstance(m, DOConvParametrization) for m in parts.model.modules()):
+        raise KfloError(f"{run.run_dir} was saved by a kflo version that stored DO-Conv's factors in another layout, "
+                        "which the saved optimizer state follows; finish the run with that version, or start it over "
+                        f"with -o {run.run_dir} --overwrite")
     checkpoint.load_into(parts.model, state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
+    check_optimizer_state(parts.optimizer, run)
     if parts.ema is not None and state["ema"] is not None:
         parts.ema.load_state_dict(state["ema"])
     if parts.scaler is not None and state["scaler"]:
