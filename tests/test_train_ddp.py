@@ -116,3 +116,35 @@ def test_accumulate_under_ddp_matches_one_process(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+
+
+def _broadcast_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    import kflo_cli as kflo
+    from kflo_cli.train.distributed import DistContext
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        # a grouped convolution: there the paper-layout copy in state_dict() is not a view of the parameter
+        model = kflo.expand(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Conv2d(8, 4, 3)), "doconv")
+        with torch.no_grad():  # different weights on each rank before the broadcast
+            for p in model.parameters():
+                p.add_(float(rank))
+        DistContext(rank=rank, world_size=2).broadcast_state(model)
+        torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_broadcast_state_reaches_parameters_that_save_a_converted_copy(tmp_path):
+    """DO-Conv's state_dict() holds a converted copy of W (the paper's layout); the broadcast that stands in for
+    DistributedDataParallel's (--accumulate under torchrun) must reach the stored parameter itself."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_broadcast_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
+    zero = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    one = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert any(k.endswith("channel_kernels") for k in zero)
+    for key in zero:
+        assert torch.equal(zero[key], one[key]), key

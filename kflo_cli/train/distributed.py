@@ -10,6 +10,7 @@ computes on its own share).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -64,9 +65,12 @@ class DistContext:
                 dist.broadcast(buf.data, src=0)
 
     def broadcast_state(self, model: nn.Module) -> None:
-        """Copy rank 0's parameters and buffers to every rank (what DistributedDataParallel does when it wraps)."""
+        """Copy rank 0's parameters and buffers to every rank (what DistributedDataParallel does when it wraps).
+
+        The tensors themselves, not ``state_dict()``'s entries: a module may save a converted copy there (DO-Conv's
+        W in the paper's layout), and broadcasting into a copy would leave the parameter as it was."""
         if self.enabled:
-            for tensor in model.state_dict(keep_vars=True).values():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
                 dist.broadcast(tensor.data, src=0)
 
     def average_gradients(self, model: nn.Module) -> None:
