@@ -305,6 +305,12 @@ def _accepts(net: nn.Module, size: Sequence[int]) -> str | None:
     return None
 
 
+def _size_error(model: str, size: Sequence[int], problem: str) -> KfloError:
+    """The one sentence for a model that does not take inputs of ``size`` (``problem``: what its forward said)."""
+    return KfloError(f"{model} does not take inputs of size {','.join(map(str, size))} ({problem}); pass "
+                     "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
+
+
 def _fitting_kwargs(model: str, kwargs: dict[str, Any], input_size: Sequence[int] | None, seed: int) -> dict[str, Any]:
     """The constructor arguments for inputs of ``input_size``: as given if the model takes that size, else with
     ``img_size`` (and ``in_chans`` for timm models) set to it, as ``kflo train`` builds a model for its data."""
@@ -327,8 +333,7 @@ def _fitting_kwargs(model: str, kwargs: dict[str, Any], input_size: Sequence[int
             return sized
     except KfloError:
         pass
-    raise KfloError(f"{model} does not take inputs of size {','.join(map(str, input_size))} ({problem}); pass "
-                    "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
+    raise _size_error(model, input_size, problem)
 
 
 def _vanilla_and_batch(model: str, kwargs: dict[str, Any], input_size: Sequence[int] | None, batch_size: int,
@@ -341,8 +346,7 @@ def _vanilla_and_batch(model: str, kwargs: dict[str, Any], input_size: Sequence[
     size = tuple(input_size) if input_size else tuple(default_input_size(vanilla))
     problem = _accepts(vanilla, size)
     if problem is not None:
-        raise KfloError(f"{model} does not take inputs of size {','.join(map(str, size))} ({problem}); pass "
-                        "--input-size C,H,W that fits the model (or --in-chans for a timm model)")
+        raise _size_error(model, size, problem)
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn((batch_size, *size), generator=generator).to(dev)
     with torch.no_grad():

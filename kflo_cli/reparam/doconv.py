@@ -101,6 +101,11 @@ class DOConvParametrization(nn.Module):
     the paper's layout and every file written before this storage loads unchanged.
     """
 
+    #: the training-state layout since which W is stored per input channel (kflo_cli.train.run_dir.FACTOR_LAYOUT):
+    #: optimizer states saved before follow the paper's layout and are refused on resume
+    factor_layout = 2
+    title = "DO-Conv"
+
     def __init__(self, weight_shape: torch.Size, in_channels: int, groups: int, depth_multiplier: int) -> None:
         super().__init__()
         out, per_group, *kernel = weight_shape

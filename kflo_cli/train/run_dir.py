@@ -16,7 +16,6 @@ from .. import checkpoint
 from .._atomic import make_dirs, remove_made_dirs, remove_stale_temps, write_text_atomic
 from .._lock import LOCK_FILE, DirLock
 from ..errors import KfloError
-from ..reparam.doconv import DOConvParametrization
 from . import report
 from .config import CONFIG_FILE, IDENTITY_KEYS, TrainConfig
 from .distributed import DistContext
@@ -151,8 +150,10 @@ def check_identity(run_dir: Path, config: TrainConfig, info: dict[str, Any], not
     return state_id
 
 
-#: The storage layout of the recipes' factors, which the optimizer's per-parameter state follows. 2: DO-Conv's W
-#: per input channel (2026-12-03); states without the entry are layout 1.
+#: The storage layout of the recipes' factors, which the optimizer's per-parameter state follows; states without the
+#: entry are layout 1. A parametrization whose storage changed says since which layout with a ``factor_layout``
+#: attribute (DO-Conv's W per input channel: 2, 2026-12-03) and its method's name as ``title``, and a state saved
+#: before it is refused on resume.
 FACTOR_LAYOUT = 2
 
 
@@ -257,10 +258,11 @@ def restore(run: Run, parts: Parts, state: dict[str, Any]) -> Counters:
             f"the training set has {run.num_train} samples now but {saved['num_train']} when the run was saved; "
             "resume with the same data (--data, --data-dir) or start a new run"
         )
-    if saved.get("factor_layout", 1) < 2 and any(isinstance(m, DOConvParametrization) for m in parts.model.modules()):
-        raise KfloError(f"{run.run_dir} was saved by a kflo version that stored DO-Conv's factors in another layout, "
-                        "which the saved optimizer state follows; finish the run with that version, or start it over "
-                        f"with -o {run.run_dir} --overwrite")
+    changed = [m for m in parts.model.modules() if getattr(m, "factor_layout", 1) > saved.get("factor_layout", 1)]
+    if changed:
+        raise KfloError(f"{run.run_dir} was saved by a kflo version that stored {changed[0].title}'s factors "
+                        "in another layout, which the saved optimizer state follows; finish the run with that version, "
+                        f"or start it over with -o {run.run_dir} --overwrite")
     checkpoint.load_into(parts.model, state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     check_optimizer_state(parts.optimizer, run)
